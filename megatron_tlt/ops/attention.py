@@ -1,0 +1,143 @@
+"""Attention behind two functions: packed causal attention for training, and attention over a KV cache.
+
+Packed input (`cu_seqlens`) never attends across examples. The backend is chosen once per process
+and logged once:
+- `flash_attn`   : CUDA with flash-attn installed (`flash_attn_varlen_func`);
+- `torch_varlen` : CUDA without flash-attn (`torch.nn.attention.varlen.varlen_attn`);
+- `sdpa_segments`: everywhere else (CPU): exact causal SDPA run per example (block-diagonal
+  attention without building a [T, T] mask). It is the reference the others are tested against.
+
+The KV-cache path (`cached_attention`) covers prefill, incremental decode and speculative-decoding
+verification: every row of the batch has `start[b]` committed tokens in the cache, and its `S` new
+tokens attend to all of those plus the new tokens that `new_mask[b]` allows (causal by default, a
+tree mask for tree drafts).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments")
+
+
+@functools.lru_cache(maxsize=None)
+def select_backend(device_type: str) -> str:
+    """Pick the packed-attention backend for a device type (override: MEGATRON_TLT_ATTN_BACKEND)."""
+    forced = os.environ.get("MEGATRON_TLT_ATTN_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"MEGATRON_TLT_ATTN_BACKEND={forced!r}; expected one of {BACKENDS}")
+        choice = forced
+    elif device_type != "cuda":
+        choice = "sdpa_segments"
+    else:
+        try:
+            import flash_attn  # noqa: F401
+
+            choice = "flash_attn"
+        except ImportError:
+            choice = "torch_varlen" if _torch_varlen() is not None else "sdpa_segments"
+    log.info("attention backend for %s: %s", device_type, choice)
+    return choice
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _sdpa_segments(q, k, v, cu_seqlens, scale):
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        # [1, heads, L, D] per example
+        qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        out[s:e] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _torch_varlen_attn(q, k, v, cu_seqlens, max_seqlen, scale):
+    varlen_attn = _torch_varlen()
+    params = inspect.signature(varlen_attn).parameters
+    if "enable_gqa" not in params and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    kwargs = {"scale": scale}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    cu = cu_seqlens.to(torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+def packed_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    cu_seqlens: torch.Tensor,  # [N+1] int
+    max_seqlen: int,
+    scale: float,
+    backend: Optional[str] = None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Causal attention within each packed example."""
+    backend = backend or select_backend(q.device.type)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    if backend == "torch_varlen":
+        return _torch_varlen_attn(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _sdpa_segments(q, k, v, cu_seqlens, scale)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, S, Hq, D], k/v: [B, S, Hkv, D] -> [B, S, Hq, D]; plain causal attention over full rows."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+def cache_attention_mask(start: torch.Tensor, num_new: int, kv_len: int, new_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which cached keys each new query may see.
+
+    start: [B] committed tokens per row; new tokens sit at cache positions start[b] + i.
+    new_mask: [B, S, S] bool (query i may see new token j); None = causal.
+    Returns [B, S, kv_len] bool.
+    """
+    device = start.device
+    rel = torch.arange(kv_len, device=device).unsqueeze(0) - start.unsqueeze(1)  # [B, kv_len]
+    if new_mask is None:
+        qi = torch.arange(num_new, device=device).view(1, num_new, 1)
+        return rel.unsqueeze(1) <= qi  # prefix (rel < 0) and causal among new tokens
+    in_new = (rel >= 0) & (rel < num_new)  # [B, kv_len]
+    idx = rel.clamp(0, num_new - 1).unsqueeze(1).expand(-1, num_new, -1)  # [B, S, kv_len]
+    seen_new = torch.gather(new_mask, 2, idx) & in_new.unsqueeze(1)
+    return (rel < 0).unsqueeze(1) | seen_new
+
+
+def cached_attention(
+    q: torch.Tensor,  # [B, S, Hq, D]
+    k: torch.Tensor,  # [B, kv_len, Hkv, D] cache rows (new keys already written)
+    v: torch.Tensor,  # [B, kv_len, Hkv, D]
+    mask: torch.Tensor,  # [B, S, kv_len] bool from cache_attention_mask
+    scale: float,
+) -> torch.Tensor:  # [B, S, Hq, D]
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True
+    )
+    return o.transpose(1, 2)

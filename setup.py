@@ -1,0 +1,30 @@
+"""megatron_tlt: Megatron-style RL training for reasoning LLMs with an online-trained drafter (TLT).
+
+CPU install (tests, the tiny demo):  pip install -e ".[test]"  --  pin the CPU torch first (see README).
+GPU users keep their own CUDA torch; `pip install -e ".[gpu]"` adds flash-attn / Transformer Engine.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_tlt",
+    version="0.1.0",
+    description="Megatron-style RL training with speculative rollouts and an adaptive drafter trained on idle ranks",
+    packages=find_packages(include=["megatron_tlt", "megatron_tlt.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "megatron-core>=0.13,<0.17",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "transformers>=4.45",
+        "pyyaml",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["megatron-tlt=megatron_tlt.cli:main"]},
+)
