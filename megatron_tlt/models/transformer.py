@@ -36,16 +36,39 @@ def _group_size(group) -> int:
     return torch.distributed.get_world_size(group)
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather TP shards along the last dim on any device (megatron-core's gather allocates on CUDA).
+    Backward keeps this rank's slice, as megatron-core's does: what consumes the output is replicated."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        # x: [..., V_local] -> [..., V_local * tp_size]
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # grad: [..., V_local * tp_size] -> [..., V_local]
+        size, rank = torch.distributed.get_world_size(ctx.group), torch.distributed.get_rank(ctx.group)
+        return grad.chunk(size, dim=-1)[rank].contiguous(), None
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp_group=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
+        # Set when each TP rank normalises a different shard (q/k heads) with this replicated weight:
+        # its gradient is then summed over the TP group in backward.
+        self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        w = self.weight if self.tp_group is None else tensor_parallel.copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
+        return w * h.to(x.dtype)
 
 
 class _Builder:
@@ -76,14 +99,21 @@ class _Builder:
     def make_linear(self, in_features: int, out_features: int, *, parallel: str, bias: bool = False, **kw) -> nn.Module:
         """The one place linears are built. parallel: 'column' (output sharded) or 'row' (input sharded)."""
         if parallel == "column":
-            return tensor_parallel.ColumnParallelLinear(
+            return self.mark_sharded(tensor_parallel.ColumnParallelLinear(
                 in_features, out_features, config=self.mp_config, init_method=self.init_method,
                 bias=bias, gather_output=False, tp_group=self.tp_group, **kw,
-            )
-        return tensor_parallel.RowParallelLinear(
+            ), dim=0)
+        return self.mark_sharded(tensor_parallel.RowParallelLinear(
             in_features, out_features, config=self.mp_config, init_method=self.out_init_method,
             bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=self.tp_group, **kw,
-        )
+        ), dim=1)
+
+    def mark_sharded(self, module: nn.Module, dim: int) -> nn.Module:
+        """megatron-core tags a weight as TP-sharded (`partition_dim`) only when it initialises it; tag it
+        when it does not (init_weights=False), or sharding code would take the shard for the full tensor."""
+        if not hasattr(module.weight, "partition_dim"):
+            tensor_parallel.set_tensor_model_parallel_attributes(module.weight, True, dim, 1)
+        return module
 
 
 class Attention(nn.Module):
@@ -105,8 +135,9 @@ class Attention(nn.Module):
         self.v_proj = b.make_linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, parallel="column", bias=cfg.qkv_bias)
         self.o_proj = b.make_linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, parallel="row")
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, b.dtype)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, b.dtype)
+            head_shard_group = b.tp_group if b.tp_size > 1 else None
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, b.dtype, tp_group=head_shard_group)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, b.dtype, tp_group=head_shard_group)
         else:
             self.q_norm = self.k_norm = None
 
@@ -178,9 +209,9 @@ class Policy(nn.Module):
         first, last = layer_range or (0, cfg.num_layers)
         self.layer_range = (first, last)
         self.embed_tokens = (
-            tensor_parallel.VocabParallelEmbedding(
+            b.mark_sharded(tensor_parallel.VocabParallelEmbedding(
                 cfg.padded_vocab_size, cfg.hidden_size, init_method=b.init_method, config=b.mp_config, tp_group=tp_group
-            )
+            ), dim=0)
             if pre_process
             else None
         )
@@ -214,7 +245,7 @@ class Policy(nn.Module):
         logits = F.linear(x, w)  # [B, S, V_local]
         if gather:
             if self.tp_size > 1:
-                logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+                logits = _GatherLastDim.apply(logits, self.tp_group)  # [B, S, V_padded]
             return logits[..., : self.cfg.vocab_size]
         pad_from = self.cfg.vocab_size - self.vocab_start
         if pad_from < logits.shape[-1]:

@@ -1,0 +1,341 @@
+"""Sharded, atomic megatron_tlt checkpoints with `torch.distributed.checkpoint` (DCP), loadable at any TP degree.
+
+Why: a training job must be able to resume (or be converted to HF) at a different tensor-parallel degree
+than it was saved at, and a crash during a save must never leave a checkpoint that loads half-written.
+
+How: every parameter is saved as its full-shape logical tensor. A TP-sharded parameter becomes a DTensor
+with `Shard(partition_dim)` on a 1-D DeviceMesh over the TP group, so each rank writes only its slice and
+DCP records the global offsets; replicated parameters are plain tensors, and DCP's save planner writes a
+tensor that several ranks hold (replicated params, data-parallel replicas of a shard) only once. Loading
+builds the same DTensor views over the model's parameters at the *current* TP degree, and DCP reads the
+overlapping chunks straight into them. Tensors keep their saved dtype (bf16 round-trips bit-exact).
+
+Layout of a checkpoint directory (a contract other code relies on):
+
+    CKPT_DIR/
+      model_config.yaml   the ModelConfig (megatron_tlt.config.to_yaml)
+      model/              DCP files of the model state
+      <name>/             further DCP states passed as `states={name: state_dict}`, e.g. "optimizer"
+      meta.json           small JSON user metadata, e.g. {"step": 10} (optional)
+      <file>              extra files copied in with `files={name: source}`, e.g. tokenizer files
+      COMPLETE            written last: {"format": "megatron_tlt/1", ...}
+
+Atomicity: all ranks write into a sibling `CKPT_DIR.tmp-<random>`; after a barrier, rank 0 fsyncs the
+directories, writes COMPLETE, moves an existing checkpoint aside (`CKPT_DIR.tmp-<random>-old`), renames the
+new one in and only then deletes the old one. Loaders accept only directories with COMPLETE, so stale
+`*.tmp-*` directories from a crash are ignored.
+
+    save_checkpoint("runs/x/step_10", model, cfg.model, states={"optimizer": opt.state_dict()}, meta={"step": 10})
+    meta = load_checkpoint("runs/x/step_10", model, states={"optimizer": sd})  # sd loaded in place
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from megatron_tlt.config import ModelConfig, to_yaml
+from megatron_tlt.config.loader import ConfigError, load_config
+from megatron_tlt.errors import CheckpointError
+from megatron_tlt.models.sharding import full_shape, named_shard_specs
+
+FORMAT = "megatron_tlt/1"
+COMPLETE = "COMPLETE"
+CONFIG_FILE = "model_config.yaml"
+META_FILE = "meta.json"
+MODEL_DIR = "model"
+_RESERVED = {COMPLETE, CONFIG_FILE, META_FILE, MODEL_DIR}
+
+
+# ---- ranks: every collective here runs on the default (world) group ----
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_dist() else 0
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not _is_dist() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_rank0(fn: Callable[..., None], *args) -> None:
+    """Run `fn` on rank 0 only; if it fails, every rank raises (so no rank waits forever in a collective)."""
+    error = None
+    if _rank() == 0:
+        try:
+            fn(*args)
+        except Exception as e:
+            error = e
+    error_msg = _broadcast(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if error_msg is not None:
+        raise CheckpointError(f"rank 0 failed while saving the checkpoint: {error_msg}")
+
+
+# ---- durable small files ----
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_durable(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+# ---- DCP calls, with errors wrapped ----
+def _summary(e: BaseException) -> str:
+    """One line for an exception; DCP's CheckpointException carries per-rank tracebacks, keep the first cause."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (exc, _) = next(iter(e.failures.items()))
+        return f"rank {rank}: {_summary(exc)}"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _dcp_save(state: dict, directory: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
+
+
+def _dcp_load(state: dict, directory: Path, no_dist: bool = False) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"could not read checkpoint state {directory}: {_summary(e)}") from e
+
+
+def _read_metadata(directory: Path) -> Metadata:
+    """DCP metadata of one state directory, after checking that every data file it names is present and whole."""
+    if not (directory / ".metadata").is_file():
+        raise CheckpointError(f"'{directory.name}' is not in the checkpoint {directory.parent} (no DCP .metadata file)")
+    try:
+        md = dcp.FileSystemReader(directory).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"checkpoint state {directory} has unreadable DCP metadata: {_summary(e)}") from e
+    needed: dict[str, int] = {}  # data file -> bytes it must hold
+    for info in md.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = directory / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"checkpoint file {f} is truncated ({f.stat().st_size} bytes, expected >= {size})")
+    return md
+
+
+# ---- the model as full-shape logical tensors ----
+def _model_state(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
+    """name -> a view of each parameter: DTensor Shard(partition_dim) over the TP mesh if sharded, else plain."""
+    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    mesh = None
+    if tp_size > 1:
+        device_type = next(model.parameters()).device.type
+        mesh = DeviceMesh.from_group(tp_group, device_type=device_type)
+    state = {}
+    for name, p, d in named_shard_specs(model):
+        t = p.detach()
+        state[name] = t if mesh is None or d is None else DTensor.from_local(t, mesh, [Shard(d)], run_check=False)
+    return state
+
+
+def _check_model_shapes(md: Metadata, model: nn.Module, tp_size: int, directory: Path) -> None:
+    saved = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    want = {name: full_shape(p, tp_size) for name, p, _ in named_shard_specs(model)}
+    problems = [f"'{n}' is not in the checkpoint" for n in want if n not in saved]
+    problems += [
+        f"'{n}' has shape {saved[n]} in the checkpoint but {s} in the model"
+        for n, s in want.items()
+        if n in saved and saved[n] != s
+    ]
+    problems += [f"'{n}' is in the checkpoint but not in the model" for n in saved if n not in want]
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise CheckpointError(f"checkpoint {directory.parent} does not match the model: " + "; ".join(problems[:8]) + more)
+
+
+# ---- public API ----
+def is_tlt_checkpoint(path) -> bool:
+    """True for a directory with a COMPLETE marker (a save that finished)."""
+    p = Path(path)
+    return p.is_dir() and (p / COMPLETE).is_file()
+
+
+def _require_complete(path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        stale = sorted(q.name for q in p.parent.glob(f"{p.name}.tmp-*")) if p.parent.is_dir() else []
+        hint = f" (interrupted saves, ignored: {', '.join(stale)})" if stale else ""
+        raise CheckpointError(f"checkpoint directory {p} does not exist{hint}")
+    if not (p / COMPLETE).is_file():
+        raise CheckpointError(
+            f"checkpoint {p} is incomplete: no {COMPLETE} marker (the save was interrupted, or it is not a megatron_tlt checkpoint)"
+        )
+    try:
+        fmt = json.loads((p / COMPLETE).read_text()).get("format")
+    except (ValueError, AttributeError):
+        fmt = None
+    if fmt != FORMAT:
+        raise CheckpointError(f"checkpoint {p} has format {fmt!r} in {COMPLETE}; this version reads {FORMAT!r}")
+    return p
+
+
+def read_model_config(path) -> ModelConfig:
+    p = _require_complete(path)
+    if not (p / CONFIG_FILE).is_file():
+        raise CheckpointError(f"checkpoint {p} has no {CONFIG_FILE}")
+    try:
+        return load_config(p / CONFIG_FILE, schema=ModelConfig)
+    except ConfigError as e:
+        raise CheckpointError(f"{p / CONFIG_FILE}: {e}") from None
+
+
+def _write_small_files(tmp: Path, path: Path, model_config: ModelConfig, meta, files) -> None:
+    if path.exists() and not is_tlt_checkpoint(path):
+        raise CheckpointError(f"{path} exists and is not a complete megatron_tlt checkpoint; refusing to replace it")
+    tmp.mkdir(parents=True)
+    _write_durable(tmp / CONFIG_FILE, to_yaml(model_config))
+    if meta is not None:
+        _write_durable(tmp / META_FILE, json.dumps(meta, indent=1))
+    for name, src in files.items():
+        _copy_durable(Path(src), tmp / name)
+
+
+def _publish(tmp: Path, path: Path, complete: dict) -> None:
+    """COMPLETE last, then swap `tmp` in for `path`; at every instant `path` is the old or the new checkpoint, or absent."""
+    for d in tmp.iterdir():
+        if d.is_dir():
+            _fsync_dir(d)
+    _write_durable(tmp / COMPLETE, json.dumps(complete))
+    _fsync_dir(tmp)
+    old = None
+    if path.exists():
+        old = tmp.with_name(tmp.name + "-old")
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(
+    path,
+    model: nn.Module,
+    model_config: ModelConfig,
+    *,
+    tp_group=None,
+    states: Optional[dict[str, dict]] = None,
+    meta: Optional[dict] = None,
+    files: Optional[dict[str, Path]] = None,
+) -> Path:
+    """Save `model` (possibly TP-sharded; tp_group defaults to `model.tp_group`) and the named `states` atomically.
+
+    Every rank must call this. `states` hold plain tensors and other picklable values, taken as replicated
+    across ranks unless they are DTensors. Returns `path`.
+    """
+    path = Path(path)
+    states, files = states or {}, files or {}
+    clash = sorted((set(states) | set(files)) & _RESERVED) + sorted(set(states) & set(files))
+    if clash:
+        raise CheckpointError(f"checkpoint entry names {clash} are reserved or used twice")
+    tp_group = tp_group if tp_group is not None else getattr(model, "tp_group", None)
+    tmp = path.with_name(f"{path.name}.tmp-{_broadcast(secrets.token_hex(4))}")
+    try:
+        _on_rank0(_write_small_files, tmp, path, model_config, meta, files)
+        _dcp_save(_model_state(model, tp_group), tmp / MODEL_DIR)
+        for name, state in states.items():
+            _dcp_save(state, tmp / name)
+        if _is_dist():
+            dist.barrier()
+        complete = {
+            "format": FORMAT,
+            "saved_tp_size": 1 if tp_group is None else dist.get_world_size(tp_group),
+            "states": sorted(states),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _on_rank0(_publish, tmp, path, complete)
+    except BaseException:
+        if _rank() == 0:
+            _discard(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, model: nn.Module, *, tp_group=None, states: Optional[dict[str, dict]] = None) -> dict:
+    """Load the model (at its current TP degree, whatever it was saved at) and the named `states` in place.
+
+    `states` must have the saved structure with tensors allocated (e.g. an optimizer state dict whose state
+    is initialised); DCP fills them. Returns the checkpoint's meta.json (empty if none).
+    """
+    p = _require_complete(path)
+    read_model_config(p)
+    tp_group = tp_group if tp_group is not None else getattr(model, "tp_group", None)
+    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    _check_model_shapes(_read_metadata(p / MODEL_DIR), model, tp_size, p / MODEL_DIR)
+    states = states or {}
+    for name in states:
+        _read_metadata(p / name)
+    with torch.no_grad():
+        _dcp_load(_model_state(model, tp_group), p / MODEL_DIR)
+    for name, state in states.items():
+        _dcp_load(state, p / name)
+    return json.loads((p / META_FILE).read_text()) if (p / META_FILE).is_file() else {}
+
+
+def load_full_state_dict_from_checkpoint(path) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors, in their saved dtypes, read in this process alone (no process group)."""
+    p = _require_complete(path)
+    md = _read_metadata(p / MODEL_DIR)
+    full = {
+        name: torch.empty(m.size, dtype=m.properties.dtype)
+        for name, m in md.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
+    _dcp_load(full, p / MODEL_DIR, no_dist=True)
+    return full
