@@ -1,0 +1,98 @@
+"""`megatron-tlt` command line: one subcommand per job.
+
+    megatron-tlt demo [CONFIG.yaml] [key=value ...]        the tiny CPU pipeline (the README's main command)
+    megatron-tlt convert hf-to-tlt --input HF_DIR --output CKPT_DIR
+    megatron-tlt convert tlt-to-hf --input CKPT_DIR --output HF_DIR
+    megatron-tlt generate --model PATH --prompts FILE.jsonl --out FILE.jsonl [--n N] [--temperature T] ...
+
+Each subcommand imports its module only when it runs, so `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+
+def _config_args(args) -> tuple:
+    """`[CONFIG.yaml] [key=value ...]`: a first argument with '=' is an override, not a file."""
+    if args.config is not None and "=" in args.config:
+        return None, [args.config, *args.overrides]
+    return args.config, args.overrides
+
+
+def _demo(args) -> int:
+    from megatron_tlt.demo import run_demo
+
+    run_demo(*_config_args(args))
+    return 0
+
+
+def _convert(args) -> int:
+    from megatron_tlt.checkpoint import convert
+
+    if args.direction == "hf-to-tlt":
+        convert.hf_to_tlt(args.input, args.output)
+    else:
+        convert.tlt_to_hf(args.input, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _generate(args) -> int:
+    from megatron_tlt.rollout.generate_cli import run_generate
+
+    return run_generate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-tlt", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the tiny end-to-end pipeline on CPU")
+    d.add_argument("config", nargs="?", default=None, help="YAML preset (default: the embedded tiny config)")
+    d.add_argument("overrides", nargs="*", help="key=value config overrides")
+    d.set_defaults(fn=_demo)
+
+    c = sub.add_parser("convert", help="convert checkpoints between Hugging Face and megatron_tlt")
+    c.add_argument("direction", choices=["hf-to-tlt", "tlt-to-hf"])
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.set_defaults(fn=_convert)
+
+    g = sub.add_parser("generate", help="sample completions for a jsonl of prompts with the rollout engine")
+    g.add_argument("--model", required=True, help="HF model directory or megatron_tlt checkpoint (with tokenizer files)")
+    g.add_argument("--prompts", required=True, help='jsonl: one {"prompt": ...} or {"input_ids": [...]} per line')
+    g.add_argument("--out", required=True, help="jsonl written with one row per sample")
+    g.add_argument("--drafter", default=None, help="drafter checkpoint for speculative decoding")
+    g.add_argument("--spec", choices=["off", "chain", "tree", "adaptive"], default="off", help="speculative decoding mode")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-seq-len", type=int, default=None, help="prompt + response tokens (default: the context window)")
+    g.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory: sets how many requests run at once")
+    g.set_defaults(fn=_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    args = build_parser().parse_args(argv)
+    # Our own errors (bad config, bad checkpoint, bad data) are one clear line, not a traceback.
+    from megatron_tlt.errors import UserError
+
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"megatron-tlt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
