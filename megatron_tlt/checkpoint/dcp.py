@@ -162,18 +162,47 @@ def _read_metadata(directory: Path) -> Metadata:
 
 
 # ---- the model as full-shape logical tensors ----
+def _tp_mesh(model: nn.Module, tp_group) -> Optional[DeviceMesh]:
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return None
+    return DeviceMesh.from_group(tp_group, device_type=next(model.parameters()).device.type)
+
+
+def _logical(t: torch.Tensor, mesh: Optional[DeviceMesh], dim: Optional[int]) -> torch.Tensor:
+    """A local shard as a full-shape logical tensor: DTensor Shard(dim) over the TP mesh, else itself."""
+    return t if mesh is None or dim is None else DTensor.from_local(t, mesh, [Shard(dim)], run_check=False)
+
+
 def _model_state(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     """name -> a view of each parameter: DTensor Shard(partition_dim) over the TP mesh if sharded, else plain."""
-    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-    mesh = None
-    if tp_size > 1:
-        device_type = next(model.parameters()).device.type
-        mesh = DeviceMesh.from_group(tp_group, device_type=device_type)
+    mesh = _tp_mesh(model, tp_group)
+    return {name: _logical(p.detach(), mesh, d) for name, p, d in named_shard_specs(model)}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tp_group=None) -> dict[str, Any]:
+    """The optimizer's per-parameter state keyed `<param name>/<key>`, TP-sharded tensors as full-shape
+    logical views (so it reshards like the model), for `save_checkpoint(states={"optimizer": ...})` and
+    in-place `load_checkpoint`. Every parameter's state must exist: call `init_adam_state` before loading."""
+    tp_group = tp_group if tp_group is not None else getattr(model, "tp_group", None)
+    mesh = _tp_mesh(model, tp_group)
     state = {}
     for name, p, d in named_shard_specs(model):
-        t = p.detach()
-        state[name] = t if mesh is None or d is None else DTensor.from_local(t, mesh, [Shard(d)], run_check=False)
+        for key, value in optimizer.state.get(p, {}).items():
+            sharded = torch.is_tensor(value) and value.shape == p.shape
+            state[f"{name}/{key}"] = _logical(value, mesh, d) if sharded else value
     return state
+
+
+def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Allocate Adam/AdamW state (step 0, zero moments) for every parameter that has none, so a checkpoint
+    can be loaded into it in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _check_model_shapes(md: Metadata, model: nn.Module, tp_size: int, directory: Path) -> None:

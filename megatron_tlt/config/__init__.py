@@ -1,4 +1,4 @@
 from megatron_tlt.config.loader import ConfigError, load_config, to_yaml
-from megatron_tlt.config.schema import Config, DemoConfig, ModelConfig, ParallelConfig, RopeScalingConfig
+from megatron_tlt.config.schema import Config, ModelConfig, ParallelConfig, RopeScalingConfig
 
-__all__ = ["Config", "ConfigError", "DemoConfig", "ModelConfig", "ParallelConfig", "RopeScalingConfig", "load_config", "to_yaml"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "ParallelConfig", "RopeScalingConfig", "load_config", "to_yaml"]

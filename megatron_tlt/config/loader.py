@@ -63,6 +63,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
     if overrides:
         layers.append(OmegaConf.from_dotlist(overrides))
     try:
+        # '???' must be checked before merging into the schema, where it turns into None for Optional fields.
+        missing = sorted(OmegaConf.missing_keys(OmegaConf.merge(*layers))) if layers else []
+        if missing:
+            raise ConfigError(f"config values left as '???' must be set: {', '.join(missing)} (e.g. {missing[0]}=...)")
         merged = OmegaConf.merge(base, *layers)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

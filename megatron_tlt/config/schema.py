@@ -81,16 +81,98 @@ class ParallelConfig:
 
 
 @dataclass
-class DemoConfig:
-    out_dir: str = "runs/demo"  # run directory (checkpoints, metrics)
-    steps: int = 30  # supervised steps on the synthetic task
-    lr: float = 3e-3
-    micro_batch_tokens: int = 512  # packing budget per micro-batch
-    num_examples: int = 64
+class DataConfig:
+    task: Optional[str] = "arithmetic"  # built-in synthetic task (megatron_tlt.data.synthetic.TASKS), used when path is unset
+    task_args: dict[str, int] = field(default_factory=dict)  # keyword arguments of the task's generator, e.g. max_terms
+    path: Optional[str] = None  # jsonl / parquet prompt dataset
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    apply_chat_template: bool = True
+    max_prompt_tokens: int = 256  # longer prompts are skipped and counted
+    num_examples: int = 4096  # size of a synthetic task's training set
+    eval_examples: int = 64  # held-out prompts for accuracy (synthetic task, or the file's last rows)
+    tokenizer: Optional[str] = None  # tokenizer dir; default: the model dir, or a built-in test tokenizer for fresh models
+
+
+@dataclass
+class RolloutConfig:
+    n: int = 8  # samples per prompt (the GRPO group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    kv_cache_gb: float = 1.0  # KV-cache budget per rank
+    spec: str = "off"  # off | chain | tree | adaptive (speculative decoding; needs a drafter)
+
+    def __post_init__(self):
+        if self.spec not in ("off", "chain", "tree", "adaptive"):
+            raise ValueError(f"rollout.spec={self.spec!r}; expected off, chain, tree or adaptive")
+
+
+@dataclass
+class RewardItem:
+    name: str = "math"  # built-in (math, countdown, format) or a dotted path 'pkg.module:function'
+    weight: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    fns: list[RewardItem] = field(default_factory=lambda: [RewardItem()])
+    num_workers: int = 2  # reward process pool; 0 = inline (no timeout)
+    timeout_s: float = 10.0  # per call; a timeout or crash gives reward 0 and is counted
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"  # grpo | drgrpo | rloo
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # clip-higher (DAPO)
+    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    kl_coef: float = 0.0  # k3 KL to a frozen copy of the initial policy; 0 = no reference model
+    dynamic_sampling: bool = False  # drop groups with equal rewards and refill from the next prompts
+    max_refill_rounds: int = 2
+    overlong: str = "none"  # none | mask (truncated samples get no loss) | penalty (DAPO soft punishment)
+    overlong_buffer: int = 32  # tokens before max_new_tokens where the penalty ramps up
+    overlong_penalty: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 4096  # packing budget per micro-batch
+    bf16: bool = True  # autocast on GPU (ignored on CPU)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/grpo"  # run directory: checkpoints, metrics.jsonl, tensorboard, plots
+    steps: int = 10  # RL steps
+    prompts_per_step: int = 8
+    model_path: Optional[str] = None  # HF dir or megatron_tlt checkpoint to start from; None = fresh model from `model`
+    save_every: int = 0  # RL steps between checkpoints; 0 = only at the end
+    eval_every: int = 0  # RL steps between held-out evaluations; 0 = only before and after
+    resume: bool = False  # continue from the latest checkpoint in `dir`
+    seed: int = 1234
+    sft_steps: int = 0  # supervised warm-up on the synthetic task's worked solutions before RL (demo)
+    sft_lr: float = 3e-3
+    sft_batch: int = 32  # sequences per warm-up step
+    tensorboard: bool = True  # when the tensorboard package is installed
+    wandb_project: Optional[str] = None  # log to wandb when installed and set
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,112 @@
+"""Per-step metrics: `RUN_DIR/metrics.jsonl` (one JSON object per step), TensorBoard, wandb, progress bar.
+
+Only the main rank writes. On resume the jsonl keeps the steps before the resumed one and drops
+later ones (they belong to the run that crashed), so a resumed run's log reads as one run.
+Response lengths of every step go to `RUN_DIR/response_lengths.jsonl` for the long-tail plot.
+
+    with MetricsLogger(run_dir, total_steps=100, start_step=0, enabled=ps.is_main) as logger:
+        logger.log(step, {"reward_mean": 0.3, ...}, response_lengths=[...])
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+LENGTHS_FILE = "response_lengths.jsonl"
+
+
+def length_stats(lengths: Sequence[int]) -> dict[str, float]:
+    """mean / p50 / p90 / max of response lengths (nearest-rank percentiles)."""
+    if not lengths:
+        return {"response_len_mean": 0.0, "response_len_p50": 0.0, "response_len_p90": 0.0, "response_len_max": 0.0}
+    xs = sorted(lengths)
+
+    def pct(q: float) -> float:
+        return float(xs[max(0, math.ceil(q * len(xs)) - 1)])
+
+    return {
+        "response_len_mean": sum(xs) / len(xs),
+        "response_len_p50": pct(0.5),
+        "response_len_p90": pct(0.9),
+        "response_len_max": float(xs[-1]),
+    }
+
+
+def _truncate_from(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLogger:
+    def __init__(self, run_dir, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True, wandb_project: Optional[str] = None, config: Optional[dict] = None):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._tb = self._wandb = self._bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_FILE, LENGTHS_FILE):
+            _truncate_from(self.run_dir / name, start_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step)
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to %s only", METRICS_FILE)
+        if wandb_project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, resume="allow")
+            except ImportError:
+                log.warning("run.wandb_project is set but wandb is not installed: not logging to wandb")
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="rl steps", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float], response_lengths: Optional[Sequence[int]] = None) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if response_lengths is not None:
+            with open(self.run_dir / LENGTHS_FILE, "a") as f:
+                f.write(json.dumps({"step": step, "lengths": list(map(int, response_lengths))}) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+        self._bar.update(1)
+        shown = {k: metrics[k] for k in ("reward_mean", "response_len_mean", "accept_len", "step_time_s") if k in metrics}
+        self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
+
+    def close(self) -> None:
+        for h in (self._bar, self._tb):
+            if h is not None:
+                h.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path) -> list[dict]:
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []

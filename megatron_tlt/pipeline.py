@@ -1,0 +1,238 @@
+"""The stages of an RL step, as functions the driver (`megatron_tlt/train.py`) calls in order.
+
+Set-up (tokenizer, policy, datasets), rollout to `Sample`s, scoring in the reward pool, advantages
+with overlong handling and dynamic-sampling filters, gathering the global batch across DP ranks,
+greedy held-out evaluation, supervised warm-up, and run checkpoints (save / find latest / resume).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tlt.checkpoint.dcp import init_adam_state, is_tlt_checkpoint, load_checkpoint, optimizer_state, save_checkpoint
+from megatron_tlt.config.schema import AlgoConfig, Config, RolloutConfig
+from megatron_tlt.data.datasets import PromptDataset, PromptExample
+from megatron_tlt.data.packing import pack_sequences, plan_micro_batches
+from megatron_tlt.data.synthetic import get_task
+from megatron_tlt.data.tokenizer import TOKENIZER_FILES, build_test_tokenizer, load_tokenizer
+from megatron_tlt.models.transformer import Policy
+from megatron_tlt.ops.logprob import vocab_parallel_logprobs
+from megatron_tlt.parallel.state import ParallelState
+from megatron_tlt.rl.algorithms import advantage_fn, filter_groups, overlong_mask, overlong_penalty
+from megatron_tlt.rl.trainer import Sample
+from megatron_tlt.rollout.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+# ---- set-up ----
+def build_tokenizer(cfg: Config, run_dir: Path):
+    """The tokenizer dir: data.tokenizer, else the model dir, else a built-in test tokenizer in the run dir."""
+    tok_dir = cfg.data.tokenizer or cfg.run.model_path
+    if tok_dir is None:
+        tok_dir = build_test_tokenizer(run_dir / "tokenizer", vocab_size=cfg.model.vocab_size)
+    return load_tokenizer(tok_dir), Path(tok_dir)
+
+
+def build_policy(cfg: Config, ps: ParallelState) -> Policy:
+    if cfg.run.model_path is None:
+        return Policy(cfg.model, ps.tp_group).to(ps.device)
+    from megatron_tlt.models.loading import load_model
+
+    model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device)
+    cfg.model = model.cfg
+    return model
+
+
+def frozen_copy(model: Policy) -> Policy:
+    """A frozen reference policy with the same weights (for the KL term)."""
+    ref = Policy(model.cfg, model.tp_group, init_weights=False).to(next(model.parameters()).device)
+    ref.load_state_dict(model.state_dict())
+    return ref.requires_grad_(False).eval()
+
+
+def build_datasets(cfg: Config, tokenizer) -> tuple[PromptDataset, PromptDataset]:
+    """(train, held-out) prompt datasets; a file's last `eval_examples` rows are held out."""
+    d = cfg.data
+    kw = dict(max_prompt_tokens=d.max_prompt_tokens, apply_chat_template=d.apply_chat_template)
+    if d.path is None:
+        if d.task is None:
+            raise ValueError("set data.path (a jsonl/parquet file) or data.task (a built-in task)")
+        train = PromptDataset.from_task(d.task, d.num_examples, cfg.run.seed, tokenizer, d.task_args, **kw)
+        held_out = PromptDataset.from_task(d.task, d.eval_examples, cfg.run.seed + 1, tokenizer, d.task_args, **kw)
+        return train, held_out
+    full = PromptDataset.from_file(d.path, tokenizer, prompt_key=d.prompt_key, answer_key=d.answer_key, **kw)
+    k = min(d.eval_examples, len(full) // 10)
+    if k == 0:
+        return full, PromptDataset(full.examples[-1:])
+    return PromptDataset(full.examples[:-k]), PromptDataset(full.examples[-k:])
+
+
+def step_seed(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{step}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def sampling_params(r: RolloutConfig, tokenizer, seed: int, greedy: bool = False) -> SamplingParams:
+    stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    return SamplingParams(
+        temperature=0.0 if greedy else r.temperature, top_p=1.0 if greedy else r.top_p, top_k=0 if greedy else r.top_k,
+        max_new_tokens=r.max_new_tokens, stop_token_ids=stop, n=1 if greedy else r.n, seed=seed,
+    )
+
+
+# ---- one step ----
+def rollout(engine, prompts: dict[int, PromptExample], params: SamplingParams) -> list[Sample]:
+    """n samples for each prompt in one engine call; `prompts` maps a global group id to its prompt."""
+    groups = list(prompts)
+    completions = engine.generate([prompts[g].prompt_ids for g in groups], params)
+    return [
+        Sample(prompts[g].prompt_ids, c.token_ids, c.logprobs, group=g, finish_reason=c.finish_reason)
+        for g, cs in zip(groups, completions)
+        for c in cs
+    ]
+
+
+def score(samples: list[Sample], prompts: dict[int, PromptExample], pool, tokenizer):
+    """Fill sample.reward from the reward pool (`prompts` by group id); returns the batch's RewardStats."""
+    texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    rows = [_reward_row(prompts[s.group], tokenizer) for s in samples]
+    rewards, stats = pool.compute(texts, rows)
+    for s, r in zip(samples, rewards):
+        s.reward = float(r)
+    return stats
+
+
+def _reward_row(p: PromptExample, tokenizer) -> dict:
+    """The dataset row a reward function receives."""
+    return {"prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=True), "answer": p.answer, **p.meta}
+
+
+def gather_samples(samples: list[Sample], ps: ParallelState) -> list[Sample]:
+    """The global batch: every DP rank's samples, in DP-rank order (identical on all ranks)."""
+    if ps.dp_size == 1:
+        return samples
+    parts: list[Optional[list[Sample]]] = [None] * ps.dp_size
+    dist.all_gather_object(parts, samples, group=ps.dp_group)
+    return [s for part in parts for s in part]
+
+
+def assign_advantages(samples: list[Sample], algo: AlgoConfig, max_new_tokens: int) -> dict[str, float]:
+    """Overlong handling, then per-sample advantages (group-relative). Returns metrics."""
+    metrics = {}
+    if algo.overlong == "mask":
+        keep = overlong_mask([s.finish_reason for s in samples])
+        for s, k in zip(samples, keep.tolist()):
+            s.trained = bool(k)
+        metrics["overlong_masked"] = float(len(samples) - int(keep.sum()))
+    elif algo.overlong == "penalty":
+        pen = overlong_penalty([len(s.response_ids) for s in samples], max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+        for s, p in zip(samples, pen.tolist()):
+            s.reward += p
+    elif algo.overlong != "none":
+        raise ValueError(f"algo.overlong={algo.overlong!r}; expected none, mask or penalty")
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    groups = torch.tensor([s.group for s in samples])
+    for s, a in zip(samples, advantage_fn(algo.advantage)(rewards, groups).tolist()):
+        s.advantage = a
+    return metrics
+
+
+def drop_equal_reward_groups(samples: list[Sample]) -> list[Sample]:
+    keep, _ = filter_groups(torch.tensor([s.reward for s in samples]), torch.tensor([s.group for s in samples]))
+    return [s for s, k in zip(samples, keep.tolist()) if k]
+
+
+# ---- evaluation and warm-up ----
+def evaluate(engine, dataset: PromptDataset, reward_fn, tokenizer, max_new_tokens: int, ps: ParallelState) -> float:
+    """Greedy held-out accuracy (reward >= 1 counts as correct), split across DP ranks."""
+    mine = dataset.examples[ps.dp_rank :: ps.dp_size]
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,))
+    correct = 0
+    if mine:
+        for p, cs in zip(mine, engine.generate([p.prompt_ids for p in mine], params)):
+            text = tokenizer.decode(cs[0].token_ids, skip_special_tokens=True)
+            correct += int(reward_fn(text, _reward_row(p, tokenizer)) >= 1.0)
+    counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
+    if ps.dp_size > 1:
+        dist.all_reduce(counts, group=ps.dp_group)
+    return float(counts[0] / counts[1])
+
+
+def sft_warmup(model: Policy, tokenizer, cfg: Config, ps: ParallelState) -> list[float]:
+    """Supervised warm-up on the synthetic task's worked solutions (response tokens only). Returns losses."""
+    from megatron_tlt.data.tokenizer import encode_prompt
+
+    examples = get_task(cfg.data.task)(cfg.data.num_examples, cfg.run.seed, **cfg.data.task_args)
+    seqs, masks = [], []
+    for ex in examples:
+        prompt = encode_prompt(tokenizer, ex.prompt, apply_chat_template=cfg.data.apply_chat_template)
+        response = tokenizer.encode(ex.solution, add_special_tokens=False) + [tokenizer.eos_token_id]
+        seqs.append(prompt + response)
+        masks.append([False] * len(prompt) + [True] * len(response))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.run.sft_lr, weight_decay=0.0)
+    batch = cfg.run.sft_batch
+    losses = []
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    for _ in range(cfg.run.sft_steps):
+        idx = torch.randperm(len(seqs), generator=g)[:batch].tolist()
+        idx = idx[ps.dp_rank :: ps.dp_size]
+        opt.zero_grad(set_to_none=True)
+        num_tokens = torch.tensor(float(sum(sum(masks[i][1:]) for i in idx)))
+        if ps.dp_size > 1:
+            dist.all_reduce(num_tokens, group=ps.dp_group)
+        total = 0.0
+        for b in plan_micro_batches([len(seqs[i]) for i in idx], cfg.optim.micro_batch_tokens):
+            pb = pack_sequences([seqs[idx[k]] for k in b], train_masks=[masks[idx[k]] for k in b])
+            hidden = model(pb.tokens[None].to(ps.device), position_ids=pb.position_ids[None].to(ps.device),
+                           cu_seqlens=pb.cu_seqlens.to(ps.device), with_logits=False)[0]
+            lp, _ = vocab_parallel_logprobs(hidden, model.output_weight(), pb.targets.to(ps.device), tp_group=model.tp_group,
+                                            vocab_size=model.cfg.vocab_size, compute_entropy=False)
+            loss = -(lp * pb.loss_mask.to(ps.device)).sum() / num_tokens
+            loss.backward()
+            total += loss.item()
+        if ps.dp_size > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=ps.dp_group)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(total)
+    return losses
+
+
+# ---- run checkpoints ----
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    ckpts = [p for p in (run_dir / "checkpoints").glob("step_*") if _STEP_DIR.match(p.name) and is_tlt_checkpoint(p)]
+    return max(ckpts, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def save_run_checkpoint(run_dir: Path, step: int, model, trainer, sampler, tok_dir: Path, cfg: Config) -> Path:
+    """Everything a bit-exact resume needs after `step` completed RL steps."""
+    files = {f: tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()}
+    states = {
+        "optimizer": optimizer_state(model, trainer.optimizer),
+        "trainer": {**trainer.state_dict(), "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()},
+    }
+    return save_checkpoint(run_dir / "checkpoints" / f"step_{step}", model, cfg.model, states=states, meta={"step": step}, files=files)
+
+
+def load_run_checkpoint(path: Path, model, trainer, sampler) -> int:
+    """Restore model, optimizer, scheduler, data position and RNG; returns the number of completed steps."""
+    init_adam_state(trainer.optimizer)
+    trainer_state = {**trainer.state_dict(), "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
+    opt_state = optimizer_state(model, trainer.optimizer)
+    meta = load_checkpoint(path, model, states={"optimizer": opt_state, "trainer": trainer_state})
+    trainer.load_state_dict(trainer_state)
+    sampler.load_state_dict(trainer_state["sampler"])
+    torch.set_rng_state(trainer_state["torch_rng"])
+    return int(meta["step"])
+

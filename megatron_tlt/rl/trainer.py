@@ -1,0 +1,225 @@
+"""The packed policy update: one optimizer step over a global batch of scored samples.
+
+`Sample` is the contract between rollout and trainer (prompt and response tokens, the rollout's
+logprobs, reward, advantage, group). `PolicyTrainer.step(samples)`:
+
+1. bin-packs the samples into micro-batches by token count (`optim.micro_batch_tokens`), the number
+   of bins a multiple of the DP size, and gives each DP rank a share balanced by tokens;
+2. counts the loss normalisers over the whole step (all-reduced over DP), so the sum of the
+   micro-batch losses is exactly the full-batch loss (`rl.algorithms.policy_loss`);
+3. per micro-batch: one packed forward to the final hidden states, chunked vocab-parallel logprobs
+   and entropy (`ops.logprob`), PPO-clip loss, backward. The hidden states of the response tokens
+   come back for the drafter's buffer from this same forward (no second pass);
+4. sums gradients over DP, clips by the global norm (TP-sharded parameters counted once per shard),
+   and skips the update, logged, if the loss or the norm is not finite.
+
+On-policy with one optimizer step per RL step, the "old" logprobs equal the current ones, so they are
+taken detached from the same forward (ratio 1 in value, the PPO gradient intact); the gap to the
+rollout's own logprobs is reported as `logprob_gap_rollout` (a check of rollout/trainer numerics).
+
+    trainer = PolicyTrainer(model, cfg.optim, cfg.algo, ps, total_steps=cfg.run.steps, temperature=1.0)
+    metrics, hidden = trainer.step(samples, max_response_len=512, collect_hidden=True)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tlt.config.schema import AlgoConfig, OptimConfig
+from megatron_tlt.data.packing import balance_across_ranks, pack_sequences, plan_micro_batches, unpack
+from megatron_tlt.models.sharding import partition_dim
+from megatron_tlt.ops.logprob import vocab_parallel_logprobs
+from megatron_tlt.parallel.state import ParallelState
+from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One response to one prompt, as the trainer sees it."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]  # the sampling policy's logprob of each response token
+    reward: float = 0.0
+    advantage: float = 0.0
+    group: int = 0  # samples of the same prompt share a group
+    finish_reason: str = "stop"
+    trained: bool = True  # False: the sample takes no loss (e.g. masked overlong response)
+
+
+def lr_schedule(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr: linear warm-up, then cosine decay to `min_lr_ratio` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps - 1, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def global_grad_norm(model: torch.nn.Module, tp_group) -> torch.Tensor:
+    """L2 norm of all gradients of the full (unsharded) model: sharded grads summed over TP, replicated once."""
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if partition_dim(p) is None:
+            replicated += sq
+        else:
+            sharded += sq
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sharded, group=tp_group)
+    return (sharded + replicated).sqrt()
+
+
+def _all_reduce_grads(model: torch.nn.Module, group) -> None:
+    """Sum gradients over `group`, one flat buffer per dtype."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _rollout_logprobs_at_targets(pb, samples: list[Sample], device) -> torch.Tensor:
+    """[T] the rollout's logprob of targets[t] (response token j of a sample sits at position len(prompt) - 1 + j)."""
+    values = []
+    for i in pb.example_ids:
+        s = samples[i]
+        values += [0.0] * (len(s.prompt_ids) - 1) + list(s.rollout_logprobs) + [0.0]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+class PolicyTrainer:
+    def __init__(self, model, optim: OptimConfig, algo: AlgoConfig, ps: ParallelState, total_steps: int,
+                 temperature: float = 1.0, ref_model=None):
+        if algo.kl_coef > 0 and ref_model is None:
+            raise ValueError("algo.kl_coef > 0 needs a reference model")
+        self.model, self.optim_cfg, self.algo, self.ps = model, optim, algo, ps
+        self.ref_model = ref_model
+        self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: logprobs at T=1
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_schedule(s, total_steps, optim.warmup_steps, optim.min_lr_ratio)
+        )
+
+    def _autocast(self):
+        if self.ps.device.type == "cuda" and self.optim_cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _my_bins(self, lengths: list[int]) -> list[list[int]]:
+        """This DP rank's micro-batches (sample indices), balanced by tokens across ranks."""
+        dp = self.ps.dp_size
+        bins = plan_micro_batches(lengths, self.optim_cfg.micro_batch_tokens, num_bins_multiple_of=dp)
+        bin_tokens = [max(sum(lengths[i] for i in b), 1) for b in bins]
+        share = balance_across_ranks(bin_tokens, dp)[self.ps.dp_rank]
+        return [bins[k] for k in sorted(share) if bins[k]]
+
+    def _logprobs(self, model, pb, with_grad: bool):
+        """Packed forward -> (logprobs [T], entropy [T] or None, final hidden [T, H])."""
+        with torch.set_grad_enabled(with_grad), self._autocast():
+            hidden = model(
+                pb.tokens[None].to(self.ps.device), position_ids=pb.position_ids[None].to(self.ps.device),
+                cu_seqlens=pb.cu_seqlens.to(self.ps.device), max_seqlen=pb.max_seqlen, with_logits=False,
+            )[0]
+            lp, ent = vocab_parallel_logprobs(
+                hidden, model.output_weight(), pb.targets.to(self.ps.device), tp_group=model.tp_group,
+                vocab_size=model.cfg.vocab_size, temperature=self.temperature, compute_entropy=with_grad,
+            )
+        return lp, ent, hidden
+
+    def step(self, samples: list[Sample], max_response_len: int, collect_hidden: bool = False):
+        """One optimizer step on the global batch `samples` (identical on every DP rank).
+
+        Returns (metrics, hidden) where hidden maps a sample index of this rank's share to its response
+        tokens' final hidden states [L, H] (only with collect_hidden), for the drafter's buffer.
+        """
+        model, dev = self.model, self.ps.device
+        model.train()
+        seqs = [s.prompt_ids + s.response_ids for s in samples]
+        masks = [[False] * len(s.prompt_ids) + [s.trained] * len(s.response_ids) for s in samples]
+        my_bins = self._my_bins([len(x) for x in seqs])
+        packs = [pack_sequences([seqs[i] for i in b], ids=b, train_masks=[masks[i] for i in b]) for b in my_bins]
+
+        norms = torch.zeros(2, dtype=torch.float64)
+        for pb in packs:
+            norms += loss_normalisers(pb.loss_mask, sample_ids_from_cu_seqlens(pb.cu_seqlens)).cpu()
+        if self.ps.dp_size > 1:
+            dist.all_reduce(norms, group=self.ps.dp_group)
+
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, clip_frac, approx_kl, entropy, kl, rollout gap
+        hidden_out: dict[int, torch.Tensor] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for pb in packs:
+            lp, ent, hidden = self._logprobs(model, pb, with_grad=True)
+            sample_ids = sample_ids_from_cu_seqlens(pb.cu_seqlens).to(dev)
+            adv = torch.tensor([samples[i].advantage for i in pb.example_ids], dtype=torch.float32, device=dev)[sample_ids]
+            ref = None
+            if self.algo.kl_coef > 0:
+                ref, _, _ = self._logprobs(self.ref_model, pb, with_grad=False)
+            loss_mask = pb.loss_mask.to(dev)
+            loss, m = policy_loss(
+                lp, lp.detach(), adv, loss_mask, sample_ids, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
+                aggregation=self.algo.aggregation, num_global_tokens=norms[0], num_global_seqs=norms[1],
+                max_response_len=max_response_len, ref_logprobs=ref, kl_coef=self.algo.kl_coef, entropy=ent,
+            )
+            loss.backward()
+            gap = (lp.detach() - _rollout_logprobs_at_targets(pb, samples, dev)).abs().where(loss_mask, 0.0).sum()
+            sums += torch.stack([loss.detach().double().cpu(), m["clip_frac"].double().cpu(), m["approx_kl"].double().cpu(),
+                                 m["entropy"].double().cpu(), m.get("kl", torch.zeros(())).double().cpu(), gap.double().cpu()])
+            if collect_hidden:
+                for i, h in zip(pb.example_ids, unpack(hidden.detach(), pb.cu_seqlens)):
+                    start = len(samples[i].prompt_ids)  # h[start - 1 + j] produced response token j
+                    hidden_out[i] = h[start - 1 : start - 1 + len(samples[i].response_ids)]
+        if self.ps.dp_size > 1:
+            dist.all_reduce(sums, group=self.ps.dp_group)
+        _all_reduce_grads(model, self.ps.dp_group if self.ps.dp_size > 1 else None)
+        grad_norm = global_grad_norm(model, model.tp_group)
+        loss_value = float(sums[0])
+        metrics = {
+            "loss": loss_value, "clip_frac": float(sums[1]), "approx_kl": float(sums[2]), "entropy": float(sums[3]),
+            "kl_ref": float(sums[4]), "logprob_gap_rollout": float(sums[5] / max(float(norms[0]), 1.0)), "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0], "train_tokens": float(norms[0]), "skipped_update": 0.0,
+        }
+        if not is_finite_update(loss_value, grad_norm):
+            log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_value, float(grad_norm))
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics["skipped_update"] = 1.0
+            return metrics, hidden_out
+        if self.optim_cfg.grad_clip > 0:
+            scale = self.optim_cfg.grad_clip / (float(grad_norm) + 1e-6)
+            if scale < 1:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        self.optimizer.step()
+        self.scheduler.step()
+        return metrics, hidden_out
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
