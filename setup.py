@@ -21,9 +21,13 @@ setup(
         "pyyaml",
         "numpy",
         "tqdm",
+        "matplotlib",
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest>=7"],
+        "parquet": ["pyarrow"],
+        "wandb": ["wandb"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megatron-tlt=megatron_tlt.cli:main"]},
