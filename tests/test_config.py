@@ -46,3 +46,10 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     assert main(["train", "model.num_layer=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["megatron-tlt train: error: unknown config key 'model.num_layer'; did you mean 'model.num_layers'?"]
+
+
+def test_demo_settings_are_a_valid_config():
+    from megatron_tlt.demo import DEMO_SETTINGS
+
+    cfg = load_config(None, DEMO_SETTINGS)
+    assert cfg.run.dir == "runs/demo" and cfg.run.sft_steps > 0 and cfg.data.task_args == {"max_terms": 3, "max_value": 9}

@@ -151,8 +151,9 @@ class PolicyTrainer:
     def step(self, samples: list[Sample], max_response_len: int, collect_hidden: bool = False):
         """One optimizer step on the global batch `samples` (identical on every DP rank).
 
-        Returns (metrics, hidden) where hidden maps a sample index of this rank's share to its response
-        tokens' final hidden states [L, H] (only with collect_hidden), for the drafter's buffer.
+        Returns (metrics, hidden) where hidden maps a sample index of this rank's share to the final hidden
+        states [R + 1, H] at positions len(prompt) - 1 .. end of its sequence (R response tokens; only with
+        collect_hidden): with tokens `(prompt + response)[len(prompt) - 1:]` they make a drafter example.
         """
         model, dev = self.model, self.ps.device
         model.train()
@@ -189,8 +190,8 @@ class PolicyTrainer:
                                  m["entropy"].double().cpu(), m.get("kl", torch.zeros(())).double().cpu(), gap.double().cpu()])
             if collect_hidden:
                 for i, h in zip(pb.example_ids, unpack(hidden.detach(), pb.cu_seqlens)):
-                    start = len(samples[i].prompt_ids)  # h[start - 1 + j] produced response token j
-                    hidden_out[i] = h[start - 1 : start - 1 + len(samples[i].response_ids)]
+                    # h[start - 1 + j] produced response token j; the window runs to the sequence's end.
+                    hidden_out[i] = h[len(samples[i].prompt_ids) - 1 :]
         if self.ps.dp_size > 1:
             dist.all_reduce(sums, group=self.ps.dp_group)
         _all_reduce_grads(model, self.ps.dp_group if self.ps.dp_size > 1 else None)
