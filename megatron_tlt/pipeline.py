@@ -25,7 +25,7 @@ from megatron_tlt.models.transformer import Policy
 from megatron_tlt.ops.logprob import vocab_parallel_logprobs
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import advantage_fn, filter_groups, overlong_mask, overlong_penalty
-from megatron_tlt.rl.trainer import Sample
+from megatron_tlt.rl.trainer import Sample, clip_grads_, global_grad_norm
 from megatron_tlt.rollout.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,10 @@ def sft_warmup(model: Policy, tokenizer, cfg: Config, ps: ParallelState) -> list
             for p in model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=ps.dp_group)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            total_t = torch.tensor(total)
+            dist.all_reduce(total_t, group=ps.dp_group)
+            total = float(total_t)
+        clip_grads_(model, cfg.optim.grad_clip, float(global_grad_norm(model, model.tp_group)))
         opt.step()
         losses.append(total)
     return losses

@@ -50,7 +50,8 @@ def train(cfg: Config) -> Path:
         log.info("resumed from %s after %d steps", resume_from, start)
     elif cfg.run.sft_steps > 0:
         losses = P.sft_warmup(model, tokenizer, cfg, ps)
-        log.info("supervised warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+        if ps.is_main:
+                log.info("supervised warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
 
     def held_out() -> float:
         return P.evaluate(engine, eval_ds, reward_fn, tokenizer, cfg.rollout.max_new_tokens, ps)

@@ -81,6 +81,15 @@ def global_grad_norm(model: torch.nn.Module, tp_group) -> torch.Tensor:
     return (sharded + replicated).sqrt()
 
 
+def clip_grads_(model: torch.nn.Module, max_norm: float, grad_norm: float) -> None:
+    """Scale all gradients so their global norm (`global_grad_norm`) is at most max_norm (0 = off)."""
+    scale = max_norm / (grad_norm + 1e-6)
+    if max_norm > 0 and scale < 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+
+
 def _all_reduce_grads(model: torch.nn.Module, group) -> None:
     """Sum gradients over `group`, one flat buffer per dtype."""
     if group is None or dist.get_world_size(group) == 1:
@@ -207,12 +216,7 @@ class PolicyTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             metrics["skipped_update"] = 1.0
             return metrics, hidden_out
-        if self.optim_cfg.grad_clip > 0:
-            scale = self.optim_cfg.grad_clip / (float(grad_norm) + 1e-6)
-            if scale < 1:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
+        clip_grads_(model, self.optim_cfg.grad_clip, float(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         return metrics, hidden_out
