@@ -365,7 +365,7 @@ def test_cli_generate_jsonl(model, hf_dir, tmp_path):
         ([json.dumps({"input_ids": []})], [], ":1: 'input_ids' must be"),
         ([json.dumps({"prompt": "hi", "input_ids": [1]})], [], ":1: expected a JSON object"),
         ([json.dumps({"input_ids": [1, 2]}), json.dumps({"input_ids": [1, 9999]})], [], ":2: token id 9999"),
-        ([json.dumps({"input_ids": [1, 2]})], ["--spec", "chain"], "not available yet"),
+        ([json.dumps({"input_ids": [1, 2]})], ["--spec", "chain"], "--spec chain needs --drafter"),
         ([json.dumps({"input_ids": [1, 2]})], ["--top-p", "2"], "top_p"),
     ],
 )

@@ -54,7 +54,9 @@ class CacheBatch:
     slots: torch.Tensor  # [B] int64 slot of each row
     start: torch.Tensor  # [B] int64 tokens already committed in each slot (write offset of the new tokens)
     kv_len: int  # host int >= max(start + S): how much of the cache to read
-    new_mask: Optional[torch.Tensor] = None  # [B, S, S] bool among new tokens; None = causal
+    # [B, S, E+S] bool: among the E entries before start (E = 0 usually) and the new tokens; None = causal.
+    # See `ops.attention.cache_attention_mask`.
+    new_mask: Optional[torch.Tensor] = None
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_new/v_new: [B, S, Hkv, D] -> cached rows [B, kv_len, Hkv, D] including them."""

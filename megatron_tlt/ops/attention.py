@@ -10,7 +10,8 @@ and logged once:
 The KV-cache path (`cached_attention`) covers prefill, incremental decode and speculative-decoding
 verification: every row of the batch has `start[b]` committed tokens in the cache, and its `S` new
 tokens attend to all of those plus the new tokens that `new_mask[b]` allows (causal by default, a
-tree mask for tree drafts).
+tree mask for tree drafts); `new_mask` may also restrict the last few cached entries (a drafter's
+earlier draft levels).
 """
 from __future__ import annotations
 
@@ -116,7 +117,10 @@ def cache_attention_mask(start: torch.Tensor, num_new: int, kv_len: int, new_mas
     """Which cached keys each new query may see.
 
     start: [B] committed tokens per row; new tokens sit at cache positions start[b] + i.
-    new_mask: [B, S, S] bool (query i may see new token j); None = causal.
+    new_mask: [B, S, E+S] bool, or None = causal. Column E+j: query i may see new token j. The first
+    E >= 0 columns cover the E entries just before start (cache positions start-E .. start-1), which
+    each query then sees only where the mask says (a draft tree grown level by level: a node sees its
+    ancestors among the earlier levels only). Entries before start-E are visible to every query.
     Returns [B, S, kv_len] bool.
     """
     device = start.device
@@ -124,10 +128,11 @@ def cache_attention_mask(start: torch.Tensor, num_new: int, kv_len: int, new_mas
     if new_mask is None:
         qi = torch.arange(num_new, device=device).view(1, num_new, 1)
         return rel.unsqueeze(1) <= qi  # prefix (rel < 0) and causal among new tokens
-    in_new = (rel >= 0) & (rel < num_new)  # [B, kv_len]
-    idx = rel.clamp(0, num_new - 1).unsqueeze(1).expand(-1, num_new, -1)  # [B, S, kv_len]
-    seen_new = torch.gather(new_mask, 2, idx) & in_new.unsqueeze(1)
-    return (rel < 0).unsqueeze(1) | seen_new
+    recent = new_mask.shape[2] - num_new  # E
+    in_mask = (rel >= -recent) & (rel < num_new)  # [B, kv_len]
+    idx = (rel + recent).clamp(0, recent + num_new - 1).unsqueeze(1).expand(-1, num_new, -1)  # [B, S, kv_len]
+    seen = torch.gather(new_mask, 2, idx) & in_mask.unsqueeze(1)
+    return (rel < -recent).unsqueeze(1) | seen
 
 
 def cached_attention(

@@ -22,21 +22,30 @@ iteration then runs one step over all live rows:
 
     out = engine.step(rows, params)   # StepOutput: 1..T new tokens per row (plain decoding: T = 1)
 
-`step` is the seam for speculative decoding: a `spec_step(rows, draft_shape)` drafts from
-`rows.last_tokens` / `rows.last_hidden`, verifies against `target_logprobs`, and returns the
-accepted drafts plus the correction/bonus token of each row as a `StepOutput`, in place of
-`plain_step`'s one token. The commit that follows (stop tokens, length limits, output buffers,
-row-state update) is shared by both.
+`step` picks plain or speculative decoding for the step (`spec`: "off", a fixed "chain" or "tree"
+`DraftShape`, or "adaptive": the `DraftSelector`'s choice for the live batch size, rewarded with the
+step's committed tokens per wall second). `spec_step(rows, params, draft_shape)` feeds the drafter
+what it has not seen, drafts from `rows.last_tokens` / `rows.last_hidden`, verifies the whole tree
+in one target forward, and returns the accepted drafts plus the correction/bonus token of each row
+as a `StepOutput`, in place of `plain_step`'s one token. The commit that follows (stop tokens,
+length limits, output buffers, row-state update) is shared by both. Speculative decoding is
+lossless: greedy outputs equal plain decoding's, sampled ones follow the same distribution (though
+not the same random draws: with "adaptive", which steps speculate depends on measured timings).
+
+    engine = RolloutEngine(model, drafter=Drafter(model), spec="adaptive")
 
 Host syncs: one per step, a [3, B] int64 copy (stopped flag, response length, cached length per
 row) that decides which rows finish and gives `kv_len`; plus, on steps where rows finish, the copy
-of their outputs. Sampling, stop checks and output writes stay on the device.
+of their outputs. Speculative steps add none: tree sizes, feed widths and `kv_len` follow from
+host-known lengths. Sampling, stop checks and output writes stay on the device.
 
 Randomness: each request has its own torch.Generator seeded from (seed, prompt index, sample
 index), so its random draws do not depend on which other requests share its batch (the logits can
 still differ in the last bits between batch shapes). The price is one small noise kernel per row per
-step; greedy decoding takes the argmax and draws nothing. Every TP rank builds the same generators
-and sees the same gathered logits, so all ranks sample the same tokens.
+step; greedy plain decoding takes the argmax and draws nothing (speculative steps draw, greedy or
+not). Every TP rank builds the same generators and sees the same gathered logits, so all ranks
+sample the same tokens; with "adaptive", the ranks share the slowest rank's step time, so their
+selectors (same seed, same rewards) pick the same shapes.
 """
 from __future__ import annotations
 
@@ -50,6 +59,11 @@ import torch
 
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
 from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
+from megatron_tlt.rollout.selector import DraftSelector, DraftShape, arm_name, batch_bucket
+from megatron_tlt.rollout.spec_engine import DrafterState, draft_tree, feasible_shape, verify_tree
+
+SPEC_MODES = ("off", "chain", "tree", "adaptive")
+DEFAULT_SHAPES = {"chain": DraftShape.chain(4), "tree": DraftShape(depth=4, topk=4, num_verify=12)}
 
 
 @dataclass
@@ -73,6 +87,7 @@ class StepOutput:
     logprobs: torch.Tensor  # [B, T] fp32 target log-prob of each token (target_logprobs at its position)
     hidden: torch.Tensor  # [B, T, H] target final hidden state at the position that produced each token
     num_new: torch.Tensor  # [B] int64 in [1, T]: tokens produced; all but the last are now in the cache
+    draft_shape: Optional[DraftShape] = None  # the speculative shape that produced it; None = a plain step
 
 
 @dataclass
@@ -85,6 +100,7 @@ class _Request:
     slot: int = -1
     admitted_step: int = 0
     shared_prefill: bool = False  # K/V copied from a sibling sample's prefill
+    spec_steps: int = 0  # speculative steps this request took part in
 
 
 @dataclass
@@ -134,6 +150,16 @@ class EngineStats:
     prefill_tokens: int = 0  # tokens computed by prefill calls, padding included
     generated_tokens: int = 0
     wall_s: float = 0.0
+    spec_steps: int = 0  # decode steps that were speculative
+    spec_row_steps: int = 0  # speculative steps summed over the requests (each row of a step counts)
+    accepted_drafts: int = 0  # draft tokens accepted, summed over the requests
+    # live-batch bucket (power of two) -> step kind ("off" or a DraftShape name) -> decode steps
+    arms_by_bucket: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def mean_accept_len(self) -> float:
+        """Draft tokens accepted per row per speculative step (each such step commits one more)."""
+        return self.accepted_drafts / self.spec_row_steps if self.spec_row_steps else 0.0
 
 
 @dataclass
@@ -202,6 +228,11 @@ class RolloutEngine:
         dtype: Optional[torch.dtype] = None,  # KV-cache dtype; default the model's
         return_hidden: bool = False,  # Completion.hidden_states (costs num_slots x max_new_tokens x H on device)
         max_prefill_tokens: int = 8192,  # padded tokens per prefill call (a longer prompt still goes alone)
+        drafter=None,  # a drafter.Drafter built over `model`: enables speculative decoding
+        spec: str = "off",  # "off" | "chain" | "tree" (a fixed draft_shape) | "adaptive" (the selector picks)
+        draft_shape: Optional[DraftShape] = None,  # for "chain"/"tree"; default DEFAULT_SHAPES[spec]
+        selector: Optional[DraftSelector] = None,  # for "adaptive"; default a DraftSelector over DEFAULT_SHAPES
+        drafter_feed_capacity: int = 64,  # pending target pairs per slot before plain steps feed the drafter
     ):
         if not (model.pre_process and model.post_process):
             raise NotImplementedError("the rollout engine needs the whole model on one rank (no pipeline stages)")
@@ -224,6 +255,37 @@ class RolloutEngine:
             cache_budget_bytes = min(cache_budget_bytes, max_batch * per_slot)
         self.cache = KVCache.from_memory_budget(cfg, model.tp_size, cache_budget_bytes, max_seq_len, dtype, self.device, num_layers)
         self.stats = EngineStats()
+        self.spec, self.draft_shape, self.selector = spec, None, None
+        self.drafter_state: Optional[DrafterState] = None  # the drafter and its own cache (outside the budget)
+        if spec != "off":
+            arms = self._configure_spec(model, drafter, spec, draft_shape, selector)
+            deepest = max(a.depth for a in arms)
+            if drafter_feed_capacity < deepest:
+                raise ValueError(f"drafter_feed_capacity={drafter_feed_capacity} must be >= the deepest draft ({deepest})")
+            headroom = drafter_feed_capacity + 1 + max(a.topk * a.depth for a in arms)
+            self.drafter_state = DrafterState(
+                drafter, self.num_slots, max_seq_len, drafter_feed_capacity, headroom, dtype, self.hidden_dtype, self.device
+            )
+        self._accepted = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # [slots] drafts accepted
+
+    def _configure_spec(self, model, drafter, spec, draft_shape, selector) -> list[DraftShape]:
+        """Validate the speculative-decoding options, set draft_shape / selector; returns the shapes in use."""
+        if spec not in SPEC_MODES:
+            raise ValueError(f"spec must be one of {SPEC_MODES}, got {spec!r}")
+        if drafter is None or drafter.policy is not model:
+            raise ValueError(f"spec={spec!r} needs a drafter built over this engine's model (it shares its embedding and LM head)")
+        if spec == "adaptive":
+            if draft_shape is not None:
+                raise ValueError("spec='adaptive' takes its draft shapes from the selector's arms, not draft_shape")
+            self.selector = selector or DraftSelector(list(DEFAULT_SHAPES.values()))
+            return [a for a in self.selector.arms if a is not None]
+        if selector is not None:
+            raise ValueError(f"a selector is used with spec='adaptive' only, got spec={spec!r}")
+        self.draft_shape = draft_shape or DEFAULT_SHAPES[spec]
+        if self.draft_shape.is_chain != (spec == "chain"):
+            topk = "topk = 1" if spec == "chain" else "topk > 1"
+            raise ValueError(f"spec={spec!r} needs a draft shape with {topk}, got {self.draft_shape}")
+        return [self.draft_shape]
 
     @property
     def num_slots(self) -> int:
@@ -254,6 +316,8 @@ class RolloutEngine:
         slot_ids = torch.tensor([slots[i] for i in rows], device=self.device)
         start = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         hidden = self._forward(tokens, slot_ids, start, kv_len=tokens.shape[1])  # [R, W, H]
+        if self.drafter_state is not None:
+            self.drafter_state.prefill(tokens, hidden, slot_ids)
         ends = torch.tensor([len(prompts[i]) - 2 for i in rows], device=self.device)  # [R]
         last_hidden[idx] = hidden[torch.arange(len(rows), device=self.device), ends].to(last_hidden.dtype)
         self.stats.prefill_calls += 1
@@ -273,9 +337,36 @@ class RolloutEngine:
             num_new=torch.ones_like(tokens),
         )
 
+    def spec_step(self, rows: DecodeRows, params: SamplingParams, draft_shape: DraftShape) -> StepOutput:
+        """Speculative step: feed the drafter its pending pairs and the roots, draft `draft_shape` (it must fit
+        every row's context: see `feasible_shape`), verify all drafts in one target forward. Returns per row
+        the accepted drafts and the correction/bonus token, with the target's logprobs and hidden states."""
+        g_root = self.drafter_state.feed(rows, with_root=True)  # [B, H]
+        tree = draft_tree(self.drafter_state, rows, params, draft_shape, g_root)
+        result, hidden = verify_tree(self.model, self.cache, rows, params, tree)  # hidden: [B, D+1, H]
+        self._accepted[rows.slots] += result.accept_lens
+        for r in rows.requests:
+            r.spec_steps += 1
+        return StepOutput(result.tokens, result.logprobs, hidden, result.accept_lens + 1, draft_shape)
+
     def step(self, rows: DecodeRows, params: SamplingParams) -> StepOutput:
-        """One decode step over the live rows: the seam where a speculative step replaces the plain one."""
-        return self.plain_step(rows, params)
+        """One decode step over the live rows: speculative with the shape `spec` picks for it, else plain."""
+        shape = self._pick_shape(rows)
+        if shape is not None:
+            out = self.spec_step(rows, params, shape)
+        else:
+            if self.drafter_state is not None:
+                self.drafter_state.flush_if_full(rows)
+            out = self.plain_step(rows, params)
+        if self.drafter_state is not None:
+            self.drafter_state.record(rows, out)
+        return out
+
+    def _pick_shape(self, rows: DecodeRows) -> Optional[DraftShape]:
+        if self.spec == "off":
+            return None
+        shape = self.selector.choose(len(rows)) if self.selector is not None else self.draft_shape
+        return None if shape is None else feasible_shape(shape, rows.host_lengths, self.max_seq_len)
 
     # ---- the loop ----
     @torch.inference_mode()
@@ -306,9 +397,12 @@ class RolloutEngine:
                 rows = rows.cat(self._admit(pending, free_slots, steps_done))
             self.stats.decode_batch_sizes.append(len(rows))
             self.stats.queued_at_step.append(len(pending))
-            stopped = self._commit(rows, self.step(rows, params), stop_ids, buffers)  # [B] bool
+            step_start = time.perf_counter()
+            out = self.step(rows, params)
+            stopped = self._commit(rows, out, stop_ids, buffers)  # [B] bool
             steps_done += 1
             synced = torch.stack([stopped.long(), rows.num_generated, rows.lengths]).tolist()  # the per-step sync
+            self._account_step(rows, out, synced[2], time.perf_counter() - step_start)
             rows.host_lengths = synced[2]
             finished = [
                 b for b, (stop, num, req) in enumerate(zip(synced[0], synced[1], rows.requests)) if stop or num >= req.max_new
@@ -321,6 +415,20 @@ class RolloutEngine:
                 rows = rows.select([b for b in range(len(rows)) if b not in finished_set])
         self.stats.wall_s = time.perf_counter() - t0
         return results
+
+    def _account_step(self, rows: DecodeRows, out: StepOutput, new_lengths: list[int], step_s: float) -> None:
+        """Count the step's kind per batch bucket; reward the selector with committed tokens per wall second
+        (the step's time ends after the per-step sync, so on GPU it is the device's time too)."""
+        counts = self.stats.arms_by_bucket.setdefault(batch_bucket(len(rows)), {})
+        name = arm_name(out.draft_shape)
+        counts[name] = counts.get(name, 0) + 1
+        self.stats.spec_steps += out.draft_shape is not None
+        if self.selector is not None:
+            if self.model.tp_size > 1:  # every TP rank must pick the same shapes: they share one measurement
+                step_time = torch.tensor([step_s], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(step_time, op=torch.distributed.ReduceOp.MAX, group=self.model.tp_group)
+                step_s = step_time.item()
+            self.selector.update(len(rows), out.draft_shape, sum(new_lengths) - sum(rows.host_lengths), step_s)
 
     def _check_prompts(self, prompts: list[list[int]]) -> None:
         vocab = self.model.cfg.vocab_size
@@ -360,9 +468,14 @@ class RolloutEngine:
         if siblings:
             src, dst = (torch.tensor(s, device=self.device) for s in zip(*siblings))
             copy_slot_prefix(self.cache, src, dst, max(len(g[0].prompt) - 1 for g in groups))
+            if self.drafter_state is not None:
+                copy_slot_prefix(self.drafter_state.cache, src, dst, max(0, *(len(g[0].prompt) - 2 for g in groups)))
             for g in groups:
                 for r in g[1:]:
                     r.shared_prefill = True
+        if self.drafter_state is not None:
+            self.drafter_state.admit([r.slot for r in requests], [len(r.prompt) for r in requests])
+        self._accepted[torch.tensor([r.slot for r in requests], device=self.device)] = 0
         group_of_row = torch.tensor([gi for gi, g in enumerate(groups) for _ in g], device=self.device)
 
         def tensor(values):
@@ -409,10 +522,13 @@ class RolloutEngine:
         """Copy the finished rows' outputs to the host (one transfer per buffer) and build their Completions."""
         slots = rows.slots[torch.tensor(finished, device=self.device)]  # [F]
         tokens, logprobs = buffers.tokens[slots].tolist(), buffers.logprobs[slots].tolist()
+        accepted = self._accepted[slots].tolist() if self.drafter_state is not None else [0] * len(finished)
         done = []
         for i, b in enumerate(finished):
             req, num = rows.requests[b], synced[1][b]
             self.stats.generated_tokens += num
+            self.stats.accepted_drafts += accepted[i]
+            self.stats.spec_row_steps += req.spec_steps
             completion = Completion(
                 token_ids=tokens[i][:num],
                 logprobs=logprobs[i][:num],
@@ -423,6 +539,9 @@ class RolloutEngine:
                     "response_tokens": num,
                     "decode_steps": steps_done - req.admitted_step,
                     "prefill_shared": req.shared_prefill,
+                    "spec_steps": req.spec_steps,
+                    "accepted_drafts": accepted[i],  # draft tokens accepted by verification (before stop/length cuts)
+                    "mean_accept_len": accepted[i] / req.spec_steps if req.spec_steps else 0.0,  # per speculative step
                 },
             )
             done.append((req, completion))

@@ -5,13 +5,18 @@ Why: look at what a checkpoint generates (and measure it) without writing a scri
 How:
 
     megatron-tlt generate --model HF_DIR_OR_CKPT --prompts prompts.jsonl --out completions.jsonl \
-        --n 4 --temperature 1.0 --top-p 0.95 --max-new-tokens 512 --seed 0
+        --n 4 --temperature 1.0 --top-p 0.95 --max-new-tokens 512 --seed 0 [--drafter DRAFTER --spec adaptive]
 
 Each prompts row is a JSON object with `prompt` (a string, or a list of chat messages; the model
 directory's chat template is applied) or `input_ids` (token ids, used as they are). Each output row
 is one sample: prompt_index, sample_index, response (text, null without a tokenizer), token_ids,
-logprobs, finish_reason, stats. Generation stops at the tokenizer's eos token and at the eos ids of
-generation_config.json when the model directory has one.
+logprobs, finish_reason, stats (with speculative decoding: spec_steps, accepted_drafts and
+mean_accept_len, the accepted draft tokens per speculative step). Generation stops at the tokenizer's
+eos token and at the eos ids of generation_config.json when the model directory has one.
+
+Speculative decoding (`--spec chain|tree|adaptive`) needs `--drafter`, a drafter directory written by
+`megatron-tlt train-drafter` (`drafter.export.save_drafter`); it changes the speed, never the
+distribution sampled from.
 """
 from __future__ import annotations
 
@@ -98,8 +103,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def run_generate(args) -> int:
-    if args.spec != "off" or args.drafter is not None:
-        raise UserError("speculative decoding (--spec chain|tree|adaptive, --drafter) is not available yet; use --spec off")
+    if args.spec != "off" and args.drafter is None:
+        raise UserError(f"--spec {args.spec} needs --drafter PATH")
+    if args.spec == "off" and args.drafter is not None:
+        raise UserError("--drafter is used only with --spec chain|tree|adaptive")
     from megatron_tlt.rollout.sampling import SamplingParams
 
     model_dir = Path(args.model)
@@ -120,12 +127,19 @@ def run_generate(args) -> int:
     from megatron_tlt.rollout.engine import RolloutEngine
 
     model = load_model(model_dir)
+    drafter = None
+    if args.drafter is not None:
+        from megatron_tlt.drafter.export import load_drafter
+
+        drafter = load_drafter(args.drafter, model)  # CheckpointError (a UserError) when missing or unfit
     vocab = model.cfg.vocab_size
     for line_no, ids in prompts:
         if max(ids) >= vocab:
             raise UserError(f"{args.prompts}:{line_no}: token id {max(ids)} is outside the model's vocabulary (size {vocab})")
     try:
-        engine = RolloutEngine(model, max_seq_len=args.max_seq_len, cache_budget_bytes=int(args.kv_cache_gb * 2**30))
+        engine = RolloutEngine(
+            model, max_seq_len=args.max_seq_len, cache_budget_bytes=int(args.kv_cache_gb * 2**30), drafter=drafter, spec=args.spec
+        )
     except ValueError as e:  # max_seq_len out of range, or the budget is below one slot
         raise UserError(str(e)) from None
     results = engine.generate([ids for _, ids in prompts], params)
@@ -146,6 +160,11 @@ def run_generate(args) -> int:
         _write_jsonl(Path(args.out), rows)
         s = engine.stats
         print(f"wrote {len(rows)} samples to {args.out} ({s.generated_tokens} tokens in {s.wall_s:.1f} s)")
+        if drafter is not None:
+            print(
+                f"speculative steps: {s.spec_steps}, accepted drafts per row and step: {s.mean_accept_len:.2f}, "
+                f"step kinds by live-batch bucket: {s.arms_by_bucket}"
+            )
     return 0
 
 

@@ -1,0 +1,129 @@
+"""Draft shapes and the adaptive selector that picks one (or "SD off") for each decode step.
+
+Why: speculative decoding pays off only while the live batch is small (the long tail of a rollout);
+at large batches the verify forward's extra tokens cost more than the accepted drafts save, and the
+best draft shape depends on the batch size, the drafter's current quality and the hardware. TLT picks
+it online with a bandit: per bucket of live batch size, epsilon-greedy over arms (draft shapes and
+"off") on the sliding-window median of measured accepted tokens per second. The median shrugs off
+the odd slow step (a garbage collection, an admission); the window forgets a drafter that got worse.
+
+How to use:
+
+    selector = DraftSelector([DraftShape.chain(4), DraftShape(depth=5, topk=4, num_verify=16)], seed=0)
+    shape = selector.choose(batch_size)            # a DraftShape, or None = plain decoding
+    ...                                            # run the step, time it (sync first on GPU)
+    selector.update(batch_size, shape, tokens=committed, seconds=step_s)
+
+Deterministic for a given seed and reward sequence: the selector draws from its own random.Random.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+OFF = "off"  # name of the "no speculative decoding" arm
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """What one speculative step drafts: `depth` drafter levels, the `topk` children of each frontier
+    node per level (EAGLE-2; the frontier keeps the best `topk` nodes), and the best `num_verify`
+    draft tokens by cumulative draft score verified at once. topk = 1 is a chain (num_verify = depth),
+    drafted by sampling from the drafter's warped distribution and verified with min(1, p/q)."""
+
+    depth: int
+    topk: int
+    num_verify: int
+
+    @classmethod
+    def chain(cls, depth: int) -> "DraftShape":
+        return cls(depth, 1, depth)
+
+    def __post_init__(self):
+        if self.depth < 1 or self.topk < 1:
+            raise ValueError(f"draft depth ({self.depth}) and topk ({self.topk}) must be >= 1")
+        if self.is_chain and self.num_verify != self.depth:
+            raise ValueError(f"a chain (topk=1) verifies all its depth={self.depth} tokens, got num_verify={self.num_verify}")
+        if not 1 <= self.num_verify <= self.pool_size:
+            raise ValueError(f"num_verify must be in [1, {self.pool_size}] (the drafted candidates), got {self.num_verify}")
+
+    @property
+    def is_chain(self) -> bool:
+        return self.topk == 1
+
+    @property
+    def pool_size(self) -> int:
+        """Candidates drafted: topk children of the root, then topk children of each of topk frontier nodes."""
+        return self.topk + (self.depth - 1) * self.topk**2
+
+    @property
+    def name(self) -> str:
+        return f"chain{self.depth}" if self.is_chain else f"tree{self.depth}x{self.topk}n{self.num_verify}"
+
+    def shrink(self, max_nodes: int) -> Optional["DraftShape"]:
+        """This shape cut to at most `max_nodes` verified tokens (room left in the context); None if 0."""
+        if max_nodes >= self.num_verify:
+            return self
+        if max_nodes < 1:
+            return None
+        depth = min(self.depth, max_nodes)
+        return DraftShape.chain(depth) if self.is_chain else DraftShape(depth, self.topk, max_nodes)
+
+
+def arm_name(shape: Optional[DraftShape]) -> str:
+    return OFF if shape is None else shape.name
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The power of two >= batch_size: 1, 2, 4, 8, ..."""
+    return 1 << max(batch_size - 1, 0).bit_length()
+
+
+class DraftSelector:
+    """Bucketed epsilon-greedy bandit over draft shapes and "off" (None)."""
+
+    def __init__(
+        self,
+        arms: Sequence[DraftShape],
+        *,
+        epsilon: float = 0.1,  # probability of a uniformly random arm (exploration)
+        window: int = 16,  # rewards kept per (bucket, arm); the median of these ranks the arm
+        max_spec_batch: int = 32,  # live batches above this always decode plainly
+        seed: int = 0,
+    ):
+        if not arms:
+            raise ValueError("the selector needs at least one draft shape")
+        if not 0 <= epsilon <= 1 or window < 1 or max_spec_batch < 0:
+            raise ValueError(f"need 0 <= epsilon <= 1, window >= 1, max_spec_batch >= 0; got {epsilon}, {window}, {max_spec_batch}")
+        self.arms: tuple[Optional[DraftShape], ...] = (None, *dict.fromkeys(arms))  # "off" first: it wins ties
+        self.epsilon, self.window, self.max_spec_batch = epsilon, window, max_spec_batch
+        self._rng = random.Random(seed)
+        self._rewards: dict[tuple[int, Optional[DraftShape]], deque] = {}
+        self.choices: dict[int, Counter] = defaultdict(Counter)  # bucket -> arm name -> times chosen
+
+    def _window(self, bucket: int, arm: Optional[DraftShape]) -> deque:
+        return self._rewards.setdefault((bucket, arm), deque(maxlen=self.window))
+
+    def choose(self, batch_size: int) -> Optional[DraftShape]:
+        """The arm for a step over `batch_size` live rows: an untried arm of its bucket first, then a random
+        arm with probability epsilon, else the best median reward."""
+        bucket = batch_bucket(batch_size)
+        if batch_size > self.max_spec_batch:
+            arm = None
+        else:
+            untried = [a for a in self.arms if not self._window(bucket, a)]
+            if untried:
+                arm = untried[0]
+            elif self._rng.random() < self.epsilon:
+                arm = self._rng.choice(self.arms)
+            else:
+                arm = max(self.arms, key=lambda a: statistics.median(self._window(bucket, a)))
+        self.choices[bucket][arm_name(arm)] += 1
+        return arm
+
+    def update(self, batch_size: int, arm: Optional[DraftShape], tokens: int, seconds: float) -> None:
+        """Record a step that ran `arm` (what actually ran) and committed `tokens` in `seconds` of wall time."""
+        self._window(batch_bucket(batch_size), arm).append(tokens / max(seconds, 1e-9))
