@@ -15,7 +15,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tlt.checkpoint.dcp import init_adam_state, is_tlt_checkpoint, load_checkpoint, optimizer_state, save_checkpoint
+from megatron_tlt.checkpoint.dcp import (
+    init_adam_state, is_tlt_checkpoint, load_checkpoint, module_state, optimizer_state, save_checkpoint,
+)
 from megatron_tlt.config.schema import AlgoConfig, Config, RolloutConfig
 from megatron_tlt.data.datasets import PromptDataset, PromptExample
 from megatron_tlt.data.packing import pack_sequences, plan_micro_batches
@@ -26,7 +28,9 @@ from megatron_tlt.ops.logprob import vocab_parallel_logprobs
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import advantage_fn, filter_groups, overlong_mask, overlong_penalty
 from megatron_tlt.rl.trainer import Sample, clip_grads_, global_grad_norm
+from megatron_tlt.rollout.engine import DEFAULT_SHAPES, RolloutEngine
 from megatron_tlt.rollout.sampling import SamplingParams
+from megatron_tlt.rollout.selector import DraftSelector
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,24 @@ def build_policy(cfg: Config, ps: ParallelState) -> Policy:
     model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device)
     cfg.model = model.cfg
     return model
+
+
+def build_engine(cfg: Config, model: Policy, ps: ParallelState):
+    """The rollout engine over the policy's own weights (colocated), with the drafter when SD is on.
+    Returns (engine, drafter or None)."""
+    drafter, selector = None, None
+    if cfg.rollout.spec != "off":
+        from megatron_tlt.drafter.export import load_drafter
+        from megatron_tlt.drafter.model import Drafter
+
+        drafter = load_drafter(cfg.drafter.path, model) if cfg.drafter.path else Drafter(model).to(ps.device)
+    if cfg.rollout.spec == "adaptive":
+        selector = DraftSelector(list(DEFAULT_SHAPES.values()), max_spec_batch=cfg.rollout.max_spec_batch, seed=cfg.run.seed)
+    engine = RolloutEngine(
+        model, cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30), drafter=drafter, spec=cfg.rollout.spec, selector=selector,
+        max_seq_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings),
+    )
+    return engine, drafter
 
 
 def frozen_copy(model: Policy) -> Policy:
@@ -218,24 +240,39 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return max(ckpts, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
-def save_run_checkpoint(run_dir: Path, step: int, model, trainer, sampler, tok_dir: Path, cfg: Config) -> Path:
-    """Everything a bit-exact resume needs after `step` completed RL steps."""
-    files = {f: tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()}
+def _run_states(model, trainer, sampler, drafter, drafter_trainer) -> dict:
+    """Views of everything a resume restores (loaded in place by DCP)."""
     states = {
         "optimizer": optimizer_state(model, trainer.optimizer),
         "trainer": {**trainer.state_dict(), "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()},
     }
+    if drafter is not None:
+        states["drafter"] = module_state(drafter, model.tp_group)
+    if drafter_trainer is not None:
+        states["drafter_optimizer"] = optimizer_state(drafter, drafter_trainer.optimizer, model.tp_group)
+        states["trainer"]["drafter_steps"] = drafter_trainer.steps
+    return states
+
+
+def save_run_checkpoint(run_dir: Path, step: int, model, trainer, sampler, tok_dir: Path, cfg: Config,
+                        drafter=None, drafter_trainer=None) -> Path:
+    """Everything a bit-exact resume needs after `step` completed RL steps (the drafter too, under TLT)."""
+    files = {f: tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()}
+    states = _run_states(model, trainer, sampler, drafter, drafter_trainer)
     return save_checkpoint(run_dir / "checkpoints" / f"step_{step}", model, cfg.model, states=states, meta={"step": step}, files=files)
 
 
-def load_run_checkpoint(path: Path, model, trainer, sampler) -> int:
-    """Restore model, optimizer, scheduler, data position and RNG; returns the number of completed steps."""
+def load_run_checkpoint(path: Path, model, trainer, sampler, drafter=None, drafter_trainer=None) -> int:
+    """Restore model, optimizer, scheduler, data position, RNG (and drafter); returns the completed steps."""
     init_adam_state(trainer.optimizer)
-    trainer_state = {**trainer.state_dict(), "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
-    opt_state = optimizer_state(model, trainer.optimizer)
-    meta = load_checkpoint(path, model, states={"optimizer": opt_state, "trainer": trainer_state})
+    if drafter_trainer is not None:
+        init_adam_state(drafter_trainer.optimizer)
+    states = _run_states(model, trainer, sampler, drafter, drafter_trainer)
+    meta = load_checkpoint(path, model, states=states)
+    trainer_state = states["trainer"]
     trainer.load_state_dict(trainer_state)
     sampler.load_state_dict(trainer_state["sampler"])
     torch.set_rng_state(trainer_state["torch_rng"])
+    if drafter_trainer is not None:
+        drafter_trainer.steps = int(trainer_state["drafter_steps"])
     return int(meta["step"])
-

@@ -21,7 +21,6 @@ from megatron_tlt.metrics import MetricsLogger, length_stats
 from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.rewards import RewardPool, build_reward_fn
 from megatron_tlt.rl.trainer import PolicyTrainer
-from megatron_tlt.rollout.engine import RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +36,7 @@ def train(cfg: Config) -> Path:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     train_ds, eval_ds = P.build_datasets(cfg, tokenizer)
     sampler = PromptSampler(len(train_ds), seed=cfg.run.seed)
-    engine = RolloutEngine(model, cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30),
-                           max_seq_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings))
+    engine, drafter = P.build_engine(cfg, model, ps)
     reward_fn = build_reward_fn([{"name": r.name, "weight": r.weight} for r in cfg.reward.fns])
     trainer = PolicyTrainer(model, cfg.optim, cfg.algo, ps, total_steps=cfg.run.steps, temperature=cfg.rollout.temperature,
                             ref_model=P.frozen_copy(model) if cfg.algo.kl_coef > 0 else None)
@@ -46,7 +44,7 @@ def train(cfg: Config) -> Path:
     start = 0
     resume_from = P.latest_checkpoint(run_dir) if cfg.run.resume else None
     if resume_from is not None:
-        start = P.load_run_checkpoint(resume_from, model, trainer, sampler)
+        start = P.load_run_checkpoint(resume_from, model, trainer, sampler, drafter)
         log.info("resumed from %s after %d steps", resume_from, start)
     elif cfg.run.sft_steps > 0:
         losses = P.sft_warmup(model, tokenizer, cfg, ps)
@@ -65,7 +63,7 @@ def train(cfg: Config) -> Path:
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
             # 1. rollout (dynamic sampling draws more prompts while groups carry no signal)
-            samples, rollout_s, reward_s, drawn, failed, timed_out = [], 0.0, 0.0, 0, 0, 0
+            samples, rollout_s, reward_s, drawn, failed, timed_out, accepted, spec_row_steps = [], 0.0, 0.0, 0, 0, 0, 0, 0
             for refill in range(1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)):
                 want = cfg.run.prompts_per_step - len({s.group for s in samples})
                 if want <= 0:
@@ -76,6 +74,8 @@ def train(cfg: Config) -> Path:
                 params = P.sampling_params(cfg.rollout, tokenizer, P.step_seed(cfg.run.seed, step * 1000 + refill))
                 mine = P.rollout(engine, prompts, params)
                 rollout_s += time.perf_counter() - t
+                accepted += engine.stats.accepted_drafts
+                spec_row_steps += engine.stats.spec_row_steps
                 # 2. rewards
                 t = time.perf_counter()
                 stats = P.score(mine, prompts, pool, tokenizer)
@@ -98,12 +98,15 @@ def train(cfg: Config) -> Path:
                 "tokens_per_s": sum(lengths) / step_s, "num_samples": len(samples), "prompts_drawn": drawn,
                 "reward_errors": failed, "reward_timeouts": timed_out, **extra, **train_metrics,
             }
+            if drafter is not None:
+                metrics["accept_len"] = accepted / max(spec_row_steps, 1)
+                metrics["spec_row_steps"] = spec_row_steps
             done = step + 1
             if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
                 metrics["eval_accuracy"] = last_accuracy = held_out()
             logger.log(step, metrics, response_lengths=lengths)
             if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.steps:
-                P.save_run_checkpoint(run_dir, done, model, trainer, sampler, tok_dir, cfg)
+                P.save_run_checkpoint(run_dir, done, model, trainer, sampler, tok_dir, cfg, drafter)
     if ps.is_main:
         print(f"[train] held-out accuracy after RL: {100 * last_accuracy:.1f}% (before: {100 * first_accuracy:.1f}%)", flush=True)
         print(f"[train] run directory: {run_dir.resolve()}", flush=True)

@@ -117,24 +117,28 @@ def _cfg(tmp_path, name, *extra):
     ])
 
 
-def test_metrics_plots_and_resume_is_bit_exact(tmp_path):
-    straight = train(_cfg(tmp_path, "straight", "run.steps=4"))
+@pytest.mark.parametrize("spec", ["off", "chain"])
+def test_metrics_plots_and_resume_is_bit_exact(tmp_path, spec):
+    extra = [f"rollout.spec={spec}"]
+    straight = train(_cfg(tmp_path, "straight", "run.steps=4", *extra))
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert REQUIRED_METRICS <= set(rows[0])
+    assert ("accept_len" in rows[0]) == (spec != "off")
     assert "eval_accuracy" in rows[-1]
     assert {p.name for p in plot_run(straight)} == {"reward.png", "lengths.png", "time.png"}
 
-    train(_cfg(tmp_path, "resumed", "run.steps=4", "run.save_every=2"))  # writes step_2 and step_4
+    train(_cfg(tmp_path, "resumed", "run.steps=4", "run.save_every=2", *extra))  # writes step_2 and step_4
     resumed_dir = tmp_path / "resumed"
     import shutil
 
     shutil.rmtree(resumed_dir / "checkpoints" / "step_4")
     destroy_parallel()
-    train(_cfg(tmp_path, "resumed", "run.steps=4", "run.save_every=2", "run.resume=true"))
-    a = load_full_state_dict_from_checkpoint(straight / "checkpoints" / "step_4")
-    b = load_full_state_dict_from_checkpoint(resumed_dir / "checkpoints" / "step_4")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "4 steps != 2 + resume + 2"
+    train(_cfg(tmp_path, "resumed", "run.steps=4", "run.save_every=2", "run.resume=true", *extra))
+    for state in ["model"] + (["drafter"] if spec != "off" else []):
+        a = load_full_state_dict_from_checkpoint(straight / "checkpoints" / "step_4", state)
+        b = load_full_state_dict_from_checkpoint(resumed_dir / "checkpoints" / "step_4", state)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{state}: 4 steps != 2 + resume + 2"
     resumed_rows = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed_rows] == [0, 1, 2, 3]
 

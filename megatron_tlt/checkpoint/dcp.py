@@ -173,7 +173,7 @@ def _logical(t: torch.Tensor, mesh: Optional[DeviceMesh], dim: Optional[int]) ->
     return t if mesh is None or dim is None else DTensor.from_local(t, mesh, [Shard(dim)], run_check=False)
 
 
-def _model_state(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
+def module_state(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     """name -> a view of each parameter: DTensor Shard(partition_dim) over the TP mesh if sharded, else plain."""
     mesh = _tp_mesh(model, tp_group)
     return {name: _logical(p.detach(), mesh, d) for name, p, d in named_shard_specs(model)}
@@ -317,7 +317,7 @@ def save_checkpoint(
     tmp = path.with_name(f"{path.name}.tmp-{_broadcast(secrets.token_hex(4))}")
     try:
         _on_rank0(_write_small_files, tmp, path, model_config, meta, files)
-        _dcp_save(_model_state(model, tp_group), tmp / MODEL_DIR)
+        _dcp_save(module_state(model, tp_group), tmp / MODEL_DIR)
         for name, state in states.items():
             _dcp_save(state, tmp / name)
         if _is_dist():
@@ -351,20 +351,21 @@ def load_checkpoint(path, model: nn.Module, *, tp_group=None, states: Optional[d
     for name in states:
         _read_metadata(p / name)
     with torch.no_grad():
-        _dcp_load(_model_state(model, tp_group), p / MODEL_DIR)
+        _dcp_load(module_state(model, tp_group), p / MODEL_DIR)
     for name, state in states.items():
         _dcp_load(state, p / name)
     return json.loads((p / META_FILE).read_text()) if (p / META_FILE).is_file() else {}
 
 
-def load_full_state_dict_from_checkpoint(path) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model tensors, in their saved dtypes, read in this process alone (no process group)."""
+def load_full_state_dict_from_checkpoint(path, name: str = MODEL_DIR) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of the model (or of the saved state `name`, e.g. "drafter"), in their saved
+    dtypes, read in this process alone (no process group)."""
     p = _require_complete(path)
-    md = _read_metadata(p / MODEL_DIR)
+    md = _read_metadata(p / name)
     full = {
         name: torch.empty(m.size, dtype=m.properties.dtype)
         for name, m in md.state_dict_metadata.items()
         if isinstance(m, TensorStorageMetadata)
     }
-    _dcp_load(full, p / MODEL_DIR, no_dist=True)
+    _dcp_load(full, p / name, no_dist=True)
     return full

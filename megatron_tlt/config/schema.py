@@ -102,11 +102,23 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 128
     kv_cache_gb: float = 1.0  # KV-cache budget per rank
-    spec: str = "off"  # off | chain | tree | adaptive (speculative decoding; needs a drafter)
+    spec: str = "off"  # off | chain | tree | adaptive (speculative decoding with the drafter)
+    max_spec_batch: int = 32  # adaptive: live batches above this decode plainly
 
     def __post_init__(self):
+        if self.spec in ("False", "false"):  # YAML reads a bare `off` as a boolean
+            self.spec = "off"
         if self.spec not in ("off", "chain", "tree", "adaptive"):
             raise ValueError(f"rollout.spec={self.spec!r}; expected off, chain, tree or adaptive")
+
+
+@dataclass
+class DrafterConfig:
+    path: Optional[str] = None  # warm-start drafter dir (`megatron-tlt train-drafter`); None = freshly initialised
+    online: bool = True  # TLT: train the drafter on DP ranks that finished their rollouts (spot training)
+    lr: float = 1e-4
+    buffer_gb: float = 0.5  # online buffer of (tokens, target hidden states) per rank; oldest RL steps evicted first
+    micro_batch_tokens: int = 2048  # tokens per drafter step (the unit of preemption)
 
 
 @dataclass
@@ -172,6 +184,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
