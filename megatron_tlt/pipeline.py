@@ -25,9 +25,10 @@ from megatron_tlt.data.synthetic import get_task
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES, build_test_tokenizer, load_tokenizer
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.ops.logprob import vocab_parallel_logprobs
+from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import advantage_fn, filter_groups, overlong_mask, overlong_penalty
-from megatron_tlt.rl.trainer import Sample, clip_grads_, global_grad_norm
+from megatron_tlt.rl.trainer import Sample
 from megatron_tlt.rollout.engine import DEFAULT_SHAPES, RolloutEngine
 from megatron_tlt.rollout.sampling import SamplingParams
 from megatron_tlt.rollout.selector import DraftSelector
@@ -218,14 +219,12 @@ def sft_warmup(model: Policy, tokenizer, cfg: Config, ps: ParallelState) -> list
             loss = -(lp * pb.loss_mask.to(ps.device)).sum() / num_tokens
             loss.backward()
             total += loss.item()
+        all_reduce_grads_(model.parameters(), ps.dp_group)
         if ps.dp_size > 1:
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=ps.dp_group)
             total_t = torch.tensor(total)
             dist.all_reduce(total_t, group=ps.dp_group)
             total = float(total_t)
-        clip_grads_(model, cfg.optim.grad_clip, float(global_grad_norm(model, model.tp_group)))
+        clip_grads_(model.parameters(), cfg.optim.grad_clip, global_grad_norm(model.parameters(), model.tp_group))
         opt.step()
         losses.append(total)
     return losses

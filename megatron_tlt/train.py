@@ -12,8 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from megatron_tlt import pipeline as P
 from megatron_tlt.config import Config, to_yaml
 from megatron_tlt.data.datasets import PromptSampler

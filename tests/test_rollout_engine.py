@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+import engine_utils
 from dist_utils import run_distributed
+from engine_utils import record_forward_shapes, tokens_of
 
 from megatron_tlt.cli import main as cli_main
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
 from megatron_tlt.models.hf import hf_config_from_model_config, tlt_to_hf_state_dict, write_hf_dir
-from megatron_tlt.models.kv_cache import KVCache
 from megatron_tlt.models.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.state import destroy_parallel, init_parallel
@@ -42,24 +43,7 @@ def model():
 
 
 def make_engine(model, num_slots=16, max_seq_len=WINDOW, **kw) -> RolloutEngine:
-    per_slot = KVCache.bytes_per_slot(CFG, 1, max_seq_len, torch.float32)
-    return RolloutEngine(model, max_seq_len=max_seq_len, cache_budget_bytes=num_slots * per_slot + 1, **kw)
-
-
-def record_forward_shapes(model, monkeypatch) -> list[tuple[int, int]]:
-    """Wrap model.forward; returns the list it appends each call's tokens shape [B, S] to."""
-    shapes, forward = [], model.forward
-
-    def wrapped(tokens=None, **kw):
-        shapes.append(tuple(tokens.shape))
-        return forward(tokens, **kw)
-
-    monkeypatch.setattr(model, "forward", wrapped)
-    return shapes
-
-
-def tokens_of(results) -> list[list[list[int]]]:
-    return [[c.token_ids for c in samples] for samples in results]
+    return engine_utils.make_engine(model, num_slots, max_seq_len, **kw)
 
 
 @torch.no_grad()

@@ -18,7 +18,9 @@ import statistics
 import pytest
 import torch
 import torch.distributed as dist
+import engine_utils
 from dist_utils import run_distributed
+from engine_utils import record_forward_shapes, tokens_of
 
 from megatron_tlt.cli import main as cli_main
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
@@ -57,24 +59,7 @@ def model():
 
 
 def make_engine(model, num_slots=8, max_seq_len=WINDOW, **kw) -> RolloutEngine:
-    per_slot = KVCache.bytes_per_slot(model.cfg, 1, max_seq_len, torch.float32)
-    return RolloutEngine(model, max_seq_len=max_seq_len, cache_budget_bytes=num_slots * per_slot + 1, **kw)
-
-
-def record_forward_shapes(model, monkeypatch) -> list[tuple[int, int]]:
-    """Wrap the target's forward (the drafter never calls it); returns the list of each call's tokens shape."""
-    shapes, forward = [], model.forward
-
-    def wrapped(tokens=None, **kw):
-        shapes.append(tuple(tokens.shape))
-        return forward(tokens, **kw)
-
-    monkeypatch.setattr(model, "forward", wrapped)
-    return shapes
-
-
-def tokens_of(results) -> list[list[list[int]]]:
-    return [[c.token_ids for c in samples] for samples in results]
+    return engine_utils.make_engine(model, num_slots, max_seq_len, **kw)
 
 
 def train_on_own_greedy_outputs(model, prompts: list[list[int]], steps: int = 150) -> Drafter:

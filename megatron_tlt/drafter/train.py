@@ -71,7 +71,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -79,7 +78,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_tlt.data.packing import pack_sequences, plan_micro_batches, unpack
 from megatron_tlt.drafter.model import Drafter
 from megatron_tlt.errors import UserError
-from megatron_tlt.models.sharding import partition_dim
+from megatron_tlt.parallel.grads import clip_grads_, global_grad_norm
 
 HIDDEN_WEIGHT = 1.0  # EAGLE's v_w: smooth-L1 regression of the next hidden state
 CE_WEIGHT = 0.1  # EAGLE's p_w: soft cross-entropy against the target's next-token distribution
@@ -248,24 +247,6 @@ def policy_examples(policy: nn.Module, sequences: Sequence[Sequence[int]], max_t
 
 
 # ---- the trainer ----
-def _grad_norm(params: list[nn.Parameter], tp_group) -> torch.Tensor:
-    """Global L2 norm of the gradients: TP-sharded ones summed over the TP group, replicated ones counted once."""
-    device = params[0].device
-    sharded = torch.zeros((), dtype=torch.float32, device=device)
-    replicated = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:
-        if p.grad is None:
-            continue
-        sq = p.grad.float().pow(2).sum()
-        if partition_dim(p) is None:
-            replicated += sq
-        else:
-            sharded += sq
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sharded, group=tp_group)
-    return (sharded + replicated).sqrt()
-
-
 class DrafterTrainer:
     """AdamW on the drafter's own weights, one packed micro-batch per `step`.
 
@@ -320,11 +301,8 @@ class DrafterTrainer:
             hidden_weight=self.hidden_weight, ce_weight=self.ce_weight, max_seqlen=b.max_seqlen,
         )
         (loss / metrics["num_tokens"].clamp(min=1.0)).backward()
-        grad_norm = _grad_norm(self.params, self.drafter.tp_group)
-        clip_factor = (self.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)  # 1 within the limit
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(clip_factor)
+        grad_norm = global_grad_norm(self.params, self.drafter.tp_group)
+        clip_grads_(self.params, self.grad_clip, grad_norm)
         values = torch.stack([*metrics.values(), grad_norm]).tolist()  # the step's one host sync
         out = dict(zip([*metrics, "grad_norm"], values))
         update = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"]) and out["num_tokens"] > 0

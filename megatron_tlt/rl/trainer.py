@@ -26,15 +26,14 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_tlt.config.schema import AlgoConfig, OptimConfig
 from megatron_tlt.data.packing import balance_across_ranks, pack_sequences, plan_micro_batches, unpack
-from megatron_tlt.models.sharding import partition_dim
 from megatron_tlt.ops.logprob import vocab_parallel_logprobs
+from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
 
@@ -62,49 +61,6 @@ def lr_schedule(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: fl
     span = max(total_steps - warmup_steps - 1, 1)
     progress = min((step - warmup_steps) / span, 1.0)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def global_grad_norm(model: torch.nn.Module, tp_group) -> torch.Tensor:
-    """L2 norm of all gradients of the full (unsharded) model: sharded grads summed over TP, replicated once."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if partition_dim(p) is None:
-            replicated += sq
-        else:
-            sharded += sq
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sharded, group=tp_group)
-    return (sharded + replicated).sqrt()
-
-
-def clip_grads_(model: torch.nn.Module, max_norm: float, grad_norm: float) -> None:
-    """Scale all gradients so their global norm (`global_grad_norm`) is at most max_norm (0 = off)."""
-    scale = max_norm / (grad_norm + 1e-6)
-    if max_norm > 0 and scale < 1:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-
-
-def _all_reduce_grads(model: torch.nn.Module, group) -> None:
-    """Sum gradients over `group`, one flat buffer per dtype."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def _rollout_logprobs_at_targets(pb, samples: list[Sample], device) -> torch.Tensor:
@@ -203,12 +159,12 @@ class PolicyTrainer:
                     hidden_out[i] = h[len(samples[i].prompt_ids) - 1 :]
         if self.ps.dp_size > 1:
             dist.all_reduce(sums, group=self.ps.dp_group)
-        _all_reduce_grads(model, self.ps.dp_group if self.ps.dp_size > 1 else None)
-        grad_norm = global_grad_norm(model, model.tp_group)
+        all_reduce_grads_(model.parameters(), self.ps.dp_group)
+        grad_norm = float(global_grad_norm(model.parameters(), model.tp_group))
         loss_value = float(sums[0])
         metrics = {
             "loss": loss_value, "clip_frac": float(sums[1]), "approx_kl": float(sums[2]), "entropy": float(sums[3]),
-            "kl_ref": float(sums[4]), "logprob_gap_rollout": float(sums[5] / max(float(norms[0]), 1.0)), "grad_norm": float(grad_norm),
+            "kl_ref": float(sums[4]), "logprob_gap_rollout": float(sums[5] / max(float(norms[0]), 1.0)), "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0], "train_tokens": float(norms[0]), "skipped_update": 0.0,
         }
         if not is_finite_update(loss_value, grad_norm):
@@ -216,7 +172,7 @@ class PolicyTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             metrics["skipped_update"] = 1.0
             return metrics, hidden_out
-        clip_grads_(model, self.optim_cfg.grad_clip, float(grad_norm))
+        clip_grads_(model.parameters(), self.optim_cfg.grad_clip, torch.tensor(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         return metrics, hidden_out

@@ -1,0 +1,62 @@
+"""Gradient collectives shared by the policy trainer, the warm-up and the drafter trainer.
+
+Norms are of the full (unsharded) model: TP-sharded gradients are summed over the TP group, replicated
+ones (identical on every TP rank) counted once. Everything stays on the gradients' device: no host sync.
+
+    all_reduce_grads_(params, ps.dp_group)              # sum over data-parallel replicas
+    norm = global_grad_norm(params, tp_group)           # 0-dim fp32 tensor
+    clip_grads_(params, max_norm=1.0, grad_norm=norm)
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tlt.models.sharding import partition_dim
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group) -> torch.Tensor:
+    """L2 norm of the gradients of the full model (0-dim fp32 on the gradients' device)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    sharded = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
+    replicated = torch.zeros_like(sharded)
+    for p in params:
+        sq = p.grad.float().pow(2).sum()
+        if partition_dim(p) is None:
+            replicated += sq
+        else:
+            sharded += sq
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sharded, group=tp_group)
+    return (sharded + replicated).sqrt()
+
+
+def clip_grads_(params: Iterable[torch.nn.Parameter], max_norm: float, grad_norm: torch.Tensor) -> None:
+    """Scale the gradients so that their global norm is at most max_norm (max_norm <= 0: no clipping)."""
+    if max_norm <= 0:
+        return
+    factor = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor.to(p.grad.device))
+
+
+def all_reduce_grads_(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup]) -> None:
+    """Sum gradients over `group` in one flat buffer per dtype (no-op for None or a group of one)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
