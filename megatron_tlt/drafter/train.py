@@ -63,7 +63,6 @@ How:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_tlt.data.packing import pack_sequences, plan_micro_batches, unpack
 from megatron_tlt.drafter.model import Drafter
+from megatron_tlt.data.jsonl import read_jsonl_objects
 from megatron_tlt.errors import UserError
 from megatron_tlt.parallel.grads import clip_grads_, global_grad_norm
 
@@ -384,20 +384,10 @@ def read_samples(path: Path, vocab_size: int, max_len: int) -> list[tuple[list[i
     A row is a JSON object with `input_ids` (the prompt) and optionally `response_ids`; prompt + response
     must fit in `max_len` tokens. Blank lines are skipped.
     """
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read data file {path}: {e.strerror}") from None
     samples = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for line_no, row in read_jsonl_objects(path, "data"):
         where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "input_ids" not in row:
+        if "input_ids" not in row:
             raise UserError(f"{where}: expected a JSON object with 'input_ids' (and optionally 'response_ids')")
         prompt = _token_list(row["input_ids"], "input_ids", where, vocab_size, allow_empty=False)
         response = row.get("response_ids")

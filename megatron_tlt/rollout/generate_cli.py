@@ -25,25 +25,16 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from megatron_tlt.data.jsonl import read_jsonl_objects
 from megatron_tlt.errors import UserError
 
 
 def read_prompts(path: Path, tokenizer) -> list[tuple[int, list[int]]]:
     """(line number, token ids) of every prompt row; UserError naming the file and line of the first bad row."""
     prompts = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read prompts file {path}: {e.strerror}") from None
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for line_no, row in read_jsonl_objects(path, "prompts"):
         where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or ("prompt" in row) == ("input_ids" in row):
+        if ("prompt" in row) == ("input_ids" in row):
             raise UserError(f"{where}: expected a JSON object with exactly one of 'prompt' or 'input_ids'")
         if "input_ids" in row:
             ids = row["input_ids"]
