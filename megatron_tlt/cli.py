@@ -144,10 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def setup_logging() -> None:
+    """INFO logs of ours, warnings only from megatron-core, without its note that TE / Apex are absent."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+
+def main(argv=None) -> int:
+    setup_logging()
     args = build_parser().parse_args(argv)
     # Our own errors (bad config, bad checkpoint, bad data) are one clear line, not a traceback.
     from megatron_tlt.errors import UserError

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -37,11 +39,16 @@ log = logging.getLogger(__name__)
 
 
 # ---- set-up ----
-def build_tokenizer(cfg: Config, run_dir: Path):
-    """The tokenizer dir: data.tokenizer, else the model dir, else a built-in test tokenizer in the run dir."""
+def build_tokenizer(cfg: Config, run_dir: Path, ps: ParallelState):
+    """The tokenizer dir: data.tokenizer, else the model dir, else a built-in test tokenizer that the main
+    rank writes into the run dir."""
     tok_dir = cfg.data.tokenizer or cfg.run.model_path
     if tok_dir is None:
-        tok_dir = build_test_tokenizer(run_dir / "tokenizer", vocab_size=cfg.model.vocab_size)
+        tok_dir = run_dir / "tokenizer"
+        if ps.is_main:
+            build_test_tokenizer(tok_dir, vocab_size=cfg.model.vocab_size)
+        if ps.world_size > 1:
+            dist.barrier()
     return load_tokenizer(tok_dir), Path(tok_dir)
 
 
@@ -71,6 +78,18 @@ def build_engine(cfg: Config, model: Policy, ps: ParallelState):
         max_seq_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings),
     )
     return engine, drafter
+
+
+def build_tlt(cfg: Config, drafter, ps: ParallelState):
+    """The online drafter trainer (TLT spot training on idle DP ranks), or None without an online drafter."""
+    if drafter is None or not cfg.drafter.online:
+        return None
+    from megatron_tlt.coordinator.spot import SpotTrainer
+    from megatron_tlt.drafter.buffer import DrafterBuffer
+    from megatron_tlt.drafter.train import DrafterTrainer
+
+    trainer = DrafterTrainer(drafter, lr=cfg.drafter.lr, max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens)
+    return SpotTrainer(trainer, DrafterBuffer(int(cfg.drafter.buffer_gb * 2**30)), ps, seed=cfg.run.seed)
 
 
 def frozen_copy(model: Policy) -> Policy:
@@ -171,6 +190,42 @@ def drop_equal_reward_groups(samples: list[Sample]) -> list[Sample]:
     return [s for s, k in zip(samples, keep.tolist()) if k]
 
 
+# ---- per-step bookkeeping ----
+@dataclass
+class StepTally:
+    """Counters and timings of one RL step, summed over its rollout rounds."""
+
+    drawn: int = 0  # prompts drawn (more than prompts_per_step when dynamic sampling refills)
+    metrics: dict[str, float] = field(default_factory=dict)
+    _accepted: int = 0
+    _spec_row_steps: int = 0
+
+    def _add(self, key: str, value: float) -> None:
+        self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+    def timed(self, key: str, fn, *args, **kw):
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        self._add(key, time.perf_counter() - t)
+        return out
+
+    def add_engine(self, stats) -> None:
+        self._accepted += stats.accepted_drafts
+        self._spec_row_steps += stats.spec_row_steps
+
+    def add_rewards(self, stats) -> None:
+        self._add("reward_errors", stats.num_errors)
+        self._add("reward_timeouts", stats.num_timeouts)
+
+    def summary(self, spec_on: bool) -> dict[str, float]:
+        out = {"rollout_time_s": 0.0, "reward_time_s": 0.0, "train_time_s": 0.0, **self.metrics, "prompts_drawn": self.drawn}
+        if spec_on:  # accept_len only when some step speculated (the adaptive selector may keep SD off)
+            out.update(accepted_drafts=self._accepted, spec_row_steps=self._spec_row_steps)
+            if self._spec_row_steps:
+                out["accept_len"] = self._accepted / self._spec_row_steps
+        return out
+
+
 # ---- evaluation and warm-up ----
 def evaluate(engine, dataset: PromptDataset, reward_fn, tokenizer, max_new_tokens: int, ps: ParallelState) -> float:
     """Greedy held-out accuracy (reward >= 1 counts as correct), split across DP ranks."""
@@ -185,6 +240,27 @@ def evaluate(engine, dataset: PromptDataset, reward_fn, tokenizer, max_new_token
     if ps.dp_size > 1:
         dist.all_reduce(counts, group=ps.dp_group)
     return float(counts[0] / counts[1])
+
+
+def warm_up(cfg: Config, model: Policy, drafter, engine, tokenizer, train_ds: PromptDataset, ps: ParallelState) -> None:
+    """Before RL: supervised warm-up of the policy, then of the drafter on the policy's own samples."""
+    if cfg.run.sft_steps > 0:
+        losses = sft_warmup(model, tokenizer, cfg, ps)
+        if ps.is_main:
+            log.info("supervised warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+    if drafter is not None and cfg.drafter.warmup_steps > 0:
+        from megatron_tlt.drafter.train import train_drafter_offline
+
+        prompts = [train_ds[i].prompt_ids for i in range(min(cfg.drafter.warmup_prompts, len(train_ds)))]
+        params = sampling_params(cfg.rollout, tokenizer, step_seed(cfg.run.seed, -1))
+        params.n = 1
+        seqs = [p + cs[0].token_ids for p, cs in zip(prompts, engine.generate(prompts, params))]
+        last = {}
+        train_drafter_offline(model, seqs, cfg.drafter.warmup_steps, lr=cfg.drafter.lr, drafter=drafter, seed=cfg.run.seed,
+                              max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens, on_step=lambda i, m: last.update(m))
+        if ps.is_main:
+            log.info("drafter warm-up: %d steps on %d policy samples, top-1 agreement %.2f", cfg.drafter.warmup_steps,
+                     len(seqs), last.get("top1", float("nan")))
 
 
 def sft_warmup(model: Policy, tokenizer, cfg: Config, ps: ParallelState) -> list[float]:
@@ -240,7 +316,11 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def _run_states(model, trainer, sampler, drafter, drafter_trainer) -> dict:
-    """Views of everything a resume restores (loaded in place by DCP)."""
+    """Views of everything a resume restores (loaded in place by DCP). Optimizer state that does not exist
+    yet is created as AdamW would on its first step (zeros), so save and load see the same keys."""
+    init_adam_state(trainer.optimizer)
+    if drafter_trainer is not None:
+        init_adam_state(drafter_trainer.optimizer)
     states = {
         "optimizer": optimizer_state(model, trainer.optimizer),
         "trainer": {**trainer.state_dict(), "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()},
@@ -263,9 +343,6 @@ def save_run_checkpoint(run_dir: Path, step: int, model, trainer, sampler, tok_d
 
 def load_run_checkpoint(path: Path, model, trainer, sampler, drafter=None, drafter_trainer=None) -> int:
     """Restore model, optimizer, scheduler, data position, RNG (and drafter); returns the completed steps."""
-    init_adam_state(trainer.optimizer)
-    if drafter_trainer is not None:
-        init_adam_state(drafter_trainer.optimizer)
     states = _run_states(model, trainer, sampler, drafter, drafter_trainer)
     meta = load_checkpoint(path, model, states=states)
     trainer_state = states["trainer"]

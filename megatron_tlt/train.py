@@ -1,10 +1,15 @@
-"""`megatron-tlt train CONFIG.yaml [key=value ...]`: GRPO-family RL, colocated rollout and training.
+"""`megatron-tlt train CONFIG.yaml [key=value ...]`: GRPO-family RL, colocated rollout and training, TLT.
 
 One RL step: rollout -> rewards -> advantages -> packed policy update, then log and checkpoint. The
 rollout engine and the trainer share the policy module (and so its weights): no weight sync is
 needed. Under torchrun each DP rank rolls out its share of the step's prompts; the scored samples
 are gathered so every rank sees the global batch, which the trainer splits into token-balanced
 micro-batches again.
+
+TLT (`rollout.spec` != off with `drafter.online`): a rank whose rollout is done trains the drafter on
+its buffer of (tokens, target hidden states) while slower ranks still generate, stops within one
+drafter step when the last rank finishes, and the drafters are merged so every rank starts the next
+rollout with identical weights. The buffer is filled from the policy update's own forward.
 """
 from __future__ import annotations
 
@@ -28,13 +33,14 @@ def train(cfg: Config) -> Path:
     set_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer, tok_dir = P.build_tokenizer(cfg, run_dir)
+    tokenizer, tok_dir = P.build_tokenizer(cfg, run_dir, ps)
     model = P.build_policy(cfg, ps)
     if ps.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     train_ds, eval_ds = P.build_datasets(cfg, tokenizer)
     sampler = PromptSampler(len(train_ds), seed=cfg.run.seed)
     engine, drafter = P.build_engine(cfg, model, ps)
+    tlt = P.build_tlt(cfg, drafter, ps)  # None unless the drafter is trained online
     reward_fn = build_reward_fn([{"name": r.name, "weight": r.weight} for r in cfg.reward.fns])
     trainer = PolicyTrainer(model, cfg.optim, cfg.algo, ps, total_steps=cfg.run.steps, temperature=cfg.rollout.temperature,
                             ref_model=P.frozen_copy(model) if cfg.algo.kl_coef > 0 else None)
@@ -42,12 +48,10 @@ def train(cfg: Config) -> Path:
     start = 0
     resume_from = P.latest_checkpoint(run_dir) if cfg.run.resume else None
     if resume_from is not None:
-        start = P.load_run_checkpoint(resume_from, model, trainer, sampler, drafter)
+        start = P.load_run_checkpoint(resume_from, model, trainer, sampler, drafter, tlt and tlt.trainer)
         log.info("resumed from %s after %d steps", resume_from, start)
-    elif cfg.run.sft_steps > 0:
-        losses = P.sft_warmup(model, tokenizer, cfg, ps)
-        if ps.is_main:
-                log.info("supervised warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+    else:
+        P.warm_up(cfg, model, drafter, engine, tokenizer, train_ds, ps)
 
     def held_out() -> float:
         return P.evaluate(engine, eval_ds, reward_fn, tokenizer, cfg.rollout.max_new_tokens, ps)
@@ -60,51 +64,47 @@ def train(cfg: Config) -> Path:
     ) as logger:
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
-            # 1. rollout (dynamic sampling draws more prompts while groups carry no signal)
-            samples, rollout_s, reward_s, drawn, failed, timed_out, accepted, spec_row_steps = [], 0.0, 0.0, 0, 0, 0, 0, 0
+            tally, samples = P.StepTally(), []
+            # 1. rollout, 2. rewards (dynamic sampling draws more prompts while groups carry no signal)
             for refill in range(1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)):
                 want = cfg.run.prompts_per_step - len({s.group for s in samples})
                 if want <= 0:
                     break
                 ids = sampler.take(want)  # the same draw on every rank; each rolls out its share
-                prompts = {drawn + k: train_ds[i] for k, i in enumerate(ids) if k % ps.dp_size == ps.dp_rank}
-                t = time.perf_counter()
+                prompts = {tally.drawn + k: train_ds[i] for k, i in enumerate(ids) if k % ps.dp_size == ps.dp_rank}
                 params = P.sampling_params(cfg.rollout, tokenizer, P.step_seed(cfg.run.seed, step * 1000 + refill))
-                mine = P.rollout(engine, prompts, params)
-                rollout_s += time.perf_counter() - t
-                accepted += engine.stats.accepted_drafts
-                spec_row_steps += engine.stats.spec_row_steps
-                # 2. rewards
-                t = time.perf_counter()
-                stats = P.score(mine, prompts, pool, tokenizer)
-                reward_s += time.perf_counter() - t
-                failed, timed_out = failed + stats.num_errors, timed_out + stats.num_timeouts
+                mine = tally.timed("rollout_time_s", P.rollout, engine, prompts, params)
+                tally.add_engine(engine.stats)
+                tally.add_rewards(tally.timed("reward_time_s", P.score, mine, prompts, pool, tokenizer))
+                if tlt is not None:  # this rank is done: train the drafter until the slowest rank is too
+                    tlt.spot_train(step * 1000 + refill)
                 new = P.gather_samples(mine, ps)
-                drawn += want
+                tally.drawn += want
                 samples += P.drop_equal_reward_groups(new) if cfg.algo.dynamic_sampling else new
+            if tlt is not None:
+                tally.metrics.update(tlt.merge())
             # 3. advantages, 4. packed policy update (weights are shared with the engine)
-            extra = P.assign_advantages(samples, cfg.algo, cfg.rollout.max_new_tokens)
-            t = time.perf_counter()
-            train_metrics, _ = trainer.step(samples, max_response_len=cfg.rollout.max_new_tokens) if samples else ({}, None)
-            train_s = time.perf_counter() - t
+            tally.metrics.update(P.assign_advantages(samples, cfg.algo, cfg.rollout.max_new_tokens))
+            if samples:
+                train_metrics, hidden = tally.timed("train_time_s", trainer.step, samples, cfg.rollout.max_new_tokens,
+                                                    collect_hidden=tlt is not None)
+                tally.metrics.update(train_metrics)
+                if tlt is not None:  # the update's own forward fills the drafter's buffer
+                    tlt.add_to_buffer(step, samples, hidden)
             # 5. log and checkpoint
             lengths = [len(s.response_ids) for s in samples]
             step_s = time.perf_counter() - t0
             metrics = {
                 "reward_mean": sum(s.reward for s in samples) / max(len(samples), 1), **length_stats(lengths),
-                "rollout_time_s": rollout_s, "reward_time_s": reward_s, "train_time_s": train_s, "step_time_s": step_s,
-                "tokens_per_s": sum(lengths) / step_s, "num_samples": len(samples), "prompts_drawn": drawn,
-                "reward_errors": failed, "reward_timeouts": timed_out, **extra, **train_metrics,
+                "step_time_s": step_s, "tokens_per_s": sum(lengths) / step_s, "num_samples": len(samples),
+                **tally.summary(drafter is not None),
             }
-            if drafter is not None:
-                metrics["accept_len"] = accepted / max(spec_row_steps, 1)
-                metrics["spec_row_steps"] = spec_row_steps
             done = step + 1
             if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
                 metrics["eval_accuracy"] = last_accuracy = held_out()
             logger.log(step, metrics, response_lengths=lengths)
             if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.steps:
-                P.save_run_checkpoint(run_dir, done, model, trainer, sampler, tok_dir, cfg, drafter)
+                P.save_run_checkpoint(run_dir, done, model, trainer, sampler, tok_dir, cfg, drafter, tlt and tlt.trainer)
     if ps.is_main:
         print(f"[train] held-out accuracy after RL: {100 * last_accuracy:.1f}% (before: {100 * first_accuracy:.1f}%)", flush=True)
         print(f"[train] run directory: {run_dir.resolve()}", flush=True)

@@ -124,7 +124,9 @@ def test_metrics_plots_and_resume_is_bit_exact(tmp_path, spec):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert REQUIRED_METRICS <= set(rows[0])
-    assert ("accept_len" in rows[0]) == (spec != "off")
+    assert ("spec_row_steps" in rows[0]) == (spec != "off")
+    if spec != "off":
+        assert sum(r["spec_row_steps"] for r in rows) > 0 and "accept_len" in rows[0]
     assert "eval_accuracy" in rows[-1]
     assert {p.name for p in plot_run(straight)} == {"reward.png", "lengths.png", "time.png"}
 

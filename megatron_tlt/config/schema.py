@@ -119,6 +119,8 @@ class DrafterConfig:
     lr: float = 1e-4
     buffer_gb: float = 0.5  # online buffer of (tokens, target hidden states) per rank; oldest RL steps evicted first
     micro_batch_tokens: int = 2048  # tokens per drafter step (the unit of preemption)
+    warmup_steps: int = 0  # offline drafter steps on the policy's own samples before RL (after the policy warm-up)
+    warmup_prompts: int = 64  # training prompts the policy answers for the drafter warm-up
 
 
 @dataclass

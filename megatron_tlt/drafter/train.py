@@ -349,12 +349,13 @@ def train_drafter_offline(
     grad_clip: float = 0.5,
     seed: int = 0,
     on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
+    drafter: Optional[Drafter] = None,
 ) -> Drafter:
-    """A fresh drafter over `policy`, trained for `steps` trainer steps on the policy's hidden states over
-    `sequences` (one packed forward, `policy_examples`), cycling over the micro-batches in an order reshuffled
-    every pass (seeded). `on_step(step, metrics)` sees every step's metrics. The drafter's initial weights
-    come from the global torch RNG (seed it first for a reproducible run)."""
-    drafter = Drafter(policy).to(next(policy.parameters()).device)
+    """`drafter` (default: a fresh one over `policy`) trained for `steps` trainer steps on the policy's hidden
+    states over `sequences` (one packed forward, `policy_examples`), cycling over the micro-batches in an order
+    reshuffled every pass (seeded). `on_step(step, metrics)` sees every step's metrics. A fresh drafter's
+    initial weights come from the global torch RNG (seed it first for a reproducible run)."""
+    drafter = drafter if drafter is not None else Drafter(policy).to(next(policy.parameters()).device)
     trainer = DrafterTrainer(drafter, lr, weight_decay, max_tokens_per_micro_batch, grad_clip)
     batches = trainer.make_batches(policy_examples(policy, sequences, max_tokens_per_micro_batch))
     order_rng = torch.Generator().manual_seed(seed)

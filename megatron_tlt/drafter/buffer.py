@@ -1,0 +1,164 @@
+"""Online buffer of drafter training data: policy tokens and hidden states from the RL update's own forward.
+
+What: `DrafterBuffer(max_bytes)` keeps `DrafterExample`s grouped by the RL step that produced them, under a
+cap on host memory, and `batches(max_tokens, rng)` streams packed `DrafterBatch` micro-batches from it,
+newest data first. `from_trainer_output(samples, hidden)` turns the hidden states returned by
+`PolicyTrainer.step(..., collect_hidden=True)` into examples.
+
+Why: TLT keeps the drafter aligned with a policy that RL keeps moving, without an extra forward pass: the
+policy update already computes the final hidden state at every position. Data from older steps was made by
+an older policy, so it is evicted first and drawn less often.
+
+How:
+
+    buffer = DrafterBuffer(max_bytes=4 * 2**30)
+    metrics, hidden = policy_trainer.step(samples, max_response_len, collect_hidden=True)
+    buffer.add(rl_step, from_trainer_output(samples, hidden))
+    batches = buffer.batches(max_tokens=4096, rng=random.Random(seed))  # endless while not empty
+    drafter_trainer.step(next(batches))
+
+Storage. Examples live on the host (device memory belongs to the policy and the rollout's KV cache), as
+copies: a view would keep the trainer's whole packed [T, H] hidden tensor alive and break the byte count.
+Hidden states keep the dtype they arrive in (bf16 under autocast on GPU, fp32 on CPU): casting down would
+change the regression target, casting up would double the memory for no information. `bytes` counts the
+storage of tokens (int64) and hidden states; an example shorter than 2 tokens has no position to train
+and is not stored.
+
+Sharding. Each DP rank's trainer returns only its own share of the samples, so each rank's buffer is its
+shard and nothing is exchanged. The TP ranks of a replica hold identical copies (the final hidden states
+are replicated over TP), so identically seeded rngs draw identical micro-batches on them.
+
+Eviction. First in, first out by (RL step, arrival): while over the cap, the oldest example of the oldest
+step goes. An example larger than the whole cap is dropped on arrival, logged once per `add`.
+
+Sampling. Over a snapshot taken at the first draw: one shuffled pass over the newest step, then forever a
+step chosen with probability proportional to `decay ** age` (age 0 = the newest; with decay 0.5 the newest
+step gets at least half the draws) and an example of it uniformly. Draws are packed greedily, in order, into
+micro-batches of at most `max_tokens` tokens (a longer example is cut to its first `max_tokens`, as
+`make_batches` does).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from megatron_tlt.drafter.train import DrafterBatch, DrafterExample, make_batches
+
+if TYPE_CHECKING:
+    from megatron_tlt.rl.trainer import Sample
+
+log = logging.getLogger(__name__)
+
+
+def example_bytes(example: DrafterExample) -> int:
+    """Storage bytes of an example's tokens and hidden states."""
+    return sum(t.numel() * t.element_size() for t in (example.tokens, example.hidden))
+
+
+def from_trainer_output(samples: Sequence["Sample"], hidden: dict[int, torch.Tensor]) -> list[DrafterExample]:
+    """Drafter examples from `PolicyTrainer.step(samples, ..., collect_hidden=True)`'s hidden dict.
+
+    hidden[i]: [R + 1, H], the final hidden states of sample i at positions len(prompt) - 1 .. end, paired
+    with tokens (prompt + response)[len(prompt) - 1:] ([R + 1]), in sample order.
+    """
+    examples = []
+    for i in sorted(hidden):
+        s = samples[i]
+        tokens = torch.tensor((s.prompt_ids + s.response_ids)[len(s.prompt_ids) - 1 :], dtype=torch.int64)  # [R + 1]
+        if hidden[i].shape[0] != tokens.shape[0]:
+            raise ValueError(f"sample {i}: {hidden[i].shape[0]} hidden states for {tokens.shape[0]} tokens")
+        examples.append(DrafterExample(tokens, hidden[i]))
+    return examples
+
+
+class DrafterBuffer:
+    """Drafter examples by RL step, at most `max_bytes` of host memory (see the module docstring)."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._steps: dict[int, deque[DrafterExample]] = {}
+        self._bytes = self._tokens = self._examples = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def num_examples(self) -> int:
+        return self._examples
+
+    @property
+    def num_tokens(self) -> int:
+        return self._tokens
+
+    def add(self, rl_step: int, examples: Sequence[DrafterExample]) -> None:
+        """Store host copies of `examples` (detached, dtype kept) under `rl_step`, then evict down to the cap."""
+        too_big = 0
+        for example in examples:
+            length = example.tokens.shape[0]
+            if example.tokens.dim() != 1 or example.hidden.dim() != 2 or example.hidden.shape[0] != length:
+                shapes = f"{tuple(example.tokens.shape)} and {tuple(example.hidden.shape)}"
+                raise ValueError(f"expected tokens [L] and hidden [L, H], got {shapes}")
+            if length < 2:
+                continue
+            if example_bytes(example) > self.max_bytes:
+                too_big += 1
+                continue
+            copy = DrafterExample(*(t.detach().to("cpu", copy=True) for t in (example.tokens, example.hidden)))
+            self._steps.setdefault(rl_step, deque()).append(copy)
+            self._count(copy, +1)
+        if too_big:
+            log.warning("drafter buffer: dropped %d example(s) of RL step %d larger than the whole cap (%d bytes)",
+                        too_big, rl_step, self.max_bytes)
+        self._evict()
+
+    def _count(self, example: DrafterExample, sign: int) -> None:
+        self._bytes += sign * example_bytes(example)
+        self._tokens += sign * example.tokens.shape[0]
+        self._examples += sign
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes:
+            oldest = min(self._steps)
+            queue = self._steps[oldest]
+            self._count(queue.popleft(), -1)
+            if not queue:
+                del self._steps[oldest]
+
+    def batches(self, max_tokens: int, rng: random.Random, decay: float = 0.5) -> Iterator[DrafterBatch]:
+        """Micro-batches of at most `max_tokens` tokens, newest step first; endless unless the buffer is empty."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        return _pack(self._draws(rng, decay), max_tokens)
+
+    def _draws(self, rng: random.Random, decay: float) -> Iterator[DrafterExample]:
+        steps = [list(self._steps[s]) for s in sorted(self._steps, reverse=True)]  # newest first
+        if not steps:
+            return
+        newest = steps[0][:]
+        rng.shuffle(newest)
+        yield from newest
+        weights = [decay**age for age in range(len(steps))]
+        while True:
+            (chosen,) = rng.choices(steps, weights)
+            yield rng.choice(chosen)
+
+
+def _pack(examples: Iterator[DrafterExample], max_tokens: int) -> Iterator[DrafterBatch]:
+    """Group a stream of examples, in order, into micro-batches of at most `max_tokens` tokens. The stream is
+    endless or empty (see `DrafterBuffer._draws`), so no partial group is left to flush."""
+    group: list[DrafterExample] = []
+    group_tokens = 0
+    for example in examples:
+        length = min(example.tokens.shape[0], max_tokens)
+        if group and group_tokens + length > max_tokens:
+            yield from make_batches(group, max_tokens)  # one micro-batch: the group fits in max_tokens
+            group, group_tokens = [], 0
+        group.append(example)
+        group_tokens += length
