@@ -58,11 +58,16 @@ def _worker(rank: int, cfg: Config, world_size: int, port: int) -> None:
     train(cfg)
 
 
+def train_on_local_ranks(cfg: Config, ranks: int) -> None:
+    """`train(cfg)` on `ranks` data-parallel processes of this machine (gloo), like a one-node torchrun."""
+    mp.start_processes(_worker, args=(cfg, ranks, _free_port()), nprocs=ranks, join=True, start_method="spawn")
+
+
 def run_demo(config_path: Optional[str] = None, overrides: Sequence[str] = (), ranks: int = DEMO_RANKS) -> Path:
     t0 = time.perf_counter()
     settings = [] if config_path is not None else list(DEMO_SETTINGS)  # a preset replaces the embedded default
     cfg = load_config(config_path, [*settings, *overrides])  # bad settings fail here, before any process starts
-    mp.start_processes(_worker, args=(cfg, ranks, _free_port()), nprocs=ranks, join=True, start_method="spawn")
+    train_on_local_ranks(cfg, ranks)
     run_dir = Path(cfg.run.dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if "spec_row_steps" in rows[0]:

@@ -2,7 +2,7 @@
 TLT >= 1.7x step speedup over no SD; drafter training <= 3% of the critical path).
 
 One invocation runs the same GRPO workload three times, each as a 2-DP-rank run on this machine (gloo,
-launched like `megatron-tlt demo`, whose `_worker` it reuses), with the same seed and settings:
+launched like `megatron-tlt demo`, with its `train_on_local_ranks`), with the same seed and settings:
 - nosd:   rollout.spec=off
 - frozen: rollout.spec=adaptive, drafter.online=false (drafter warmed up offline, then never trained)
 - tlt:    rollout.spec=adaptive, drafter.online=true  (the same warm-up, then spot training on idle ranks)
@@ -28,10 +28,9 @@ import json
 import time
 from pathlib import Path
 
-import torch.multiprocessing as mp
 
 from megatron_tlt.config import load_config
-from megatron_tlt.demo import _free_port, _worker
+from megatron_tlt.demo import train_on_local_ranks
 
 MODES = {
     "nosd": ("no SD", ["rollout.spec=off"]),
@@ -58,7 +57,7 @@ def run_mode(a: argparse.Namespace, mode: str, ranks: int = 2) -> tuple[list[dic
     if path.exists():
         path.unlink()  # a run dir from an earlier invocation: start clean (no resume)
     t0 = time.perf_counter()
-    mp.start_processes(_worker, args=(cfg, ranks, _free_port()), nprocs=ranks, join=True, start_method="spawn")
+    train_on_local_ranks(cfg, ranks)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows, time.perf_counter() - t0
 
