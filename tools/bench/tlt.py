@@ -28,7 +28,6 @@ import json
 import time
 from pathlib import Path
 
-
 from megatron_tlt.config import load_config
 from megatron_tlt.demo import train_on_local_ranks
 
