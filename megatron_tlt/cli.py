@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-seq-len", type=int, default=None, help="prompt + response tokens (default: the context window)")
     g.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache memory: sets how many requests run at once")
+    g.add_argument("--cuda-graphs", choices=["auto", "off", "eager", "capture"], default="auto",
+                   help="decode/verify as CUDA graphs (auto: on a GPU)")
     g.set_defaults(fn=_generate)
 
     t = sub.add_parser("train-drafter", help="warm up an EAGLE drafter offline on policy samples")

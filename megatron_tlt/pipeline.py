@@ -75,6 +75,7 @@ def build_engine(cfg: Config, model: Policy, ps: ParallelState):
         selector = DraftSelector(list(DEFAULT_SHAPES.values()), max_spec_batch=cfg.rollout.max_spec_batch, seed=cfg.run.seed)
     engine = RolloutEngine(
         model, cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30), drafter=drafter, spec=cfg.rollout.spec, selector=selector,
+        cuda_graphs=cfg.rollout.cuda_graphs,
         max_seq_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings),
     )
     return engine, drafter

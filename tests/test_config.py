@@ -21,6 +21,7 @@ def test_overrides_are_typed():
     ("model.num_layers=abc", "bad value for config key 'model.num_layers'"),
     ("model.arch=gpt2", "supported: llama, qwen2, qwen3"),
     ("rollout.spec=fast", "rollout.spec='fast'"),
+    ("rollout.cuda_graphs=fast", "rollout.cuda_graphs='fast'"),
     ("model.num_layers", "not of the form key=value"),
 ])
 def test_bad_keys_and_values_are_named(override, message):

@@ -104,12 +104,17 @@ class RolloutConfig:
     kv_cache_gb: float = 1.0  # KV-cache budget per rank
     spec: str = "off"  # off | chain | tree | adaptive (speculative decoding with the drafter)
     max_spec_batch: int = 32  # adaptive: live batches above this decode plainly
+    cuda_graphs: str = "auto"  # auto (capture on GPU) | off | eager (static shapes, no capture) | capture
 
     def __post_init__(self):
         if self.spec in ("False", "false"):  # YAML reads a bare `off` as a boolean
             self.spec = "off"
         if self.spec not in ("off", "chain", "tree", "adaptive"):
             raise ValueError(f"rollout.spec={self.spec!r}; expected off, chain, tree or adaptive")
+        if self.cuda_graphs in ("False", "false"):
+            self.cuda_graphs = "off"
+        if self.cuda_graphs not in ("auto", "off", "eager", "capture"):
+            raise ValueError(f"rollout.cuda_graphs={self.cuda_graphs!r}; expected auto, off, eager or capture")
 
 
 @dataclass

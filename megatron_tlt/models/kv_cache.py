@@ -37,13 +37,14 @@ class KVCache:
         return cls(layers, num_slots, max_seq_len, cfg.num_kv_heads // tp_size, cfg.head_dim, dtype, device)
 
     @classmethod
-    def from_memory_budget(cls, cfg: ModelConfig, tp_size: int, budget_bytes: int, max_seq_len: int, dtype: torch.dtype, device, num_layers: Optional[int] = None) -> "KVCache":
-        """As many slots of `max_seq_len` tokens as fit in `budget_bytes` (at least one, else an error)."""
+    def from_memory_budget(cls, cfg: ModelConfig, tp_size: int, budget_bytes: int, max_seq_len: int, dtype: torch.dtype, device, num_layers: Optional[int] = None, extra_slots: int = 0) -> "KVCache":
+        """As many slots of `max_seq_len` tokens as fit in `budget_bytes` (at least one, else an error), plus
+        `extra_slots` outside the budget (the rollout engine's padding slot for CUDA graphs)."""
         per_slot = cls.bytes_per_slot(cfg, tp_size, max_seq_len, dtype, num_layers)
         slots = budget_bytes // per_slot
         if slots < 1:
             raise ValueError(f"KV cache budget {budget_bytes} B is below one slot of {max_seq_len} tokens ({per_slot} B)")
-        return cls.for_model(cfg, tp_size, slots, max_seq_len, dtype, device, num_layers)
+        return cls.for_model(cfg, tp_size, slots + extra_slots, max_seq_len, dtype, device, num_layers)
 
 
 @dataclass

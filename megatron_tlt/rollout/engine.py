@@ -39,6 +39,11 @@ row) that decides which rows finish and gives `kv_len`; plus, on steps where row
 of their outputs. Speculative steps add none: tree sizes, feed widths and `kv_len` follow from
 host-known lengths. Sampling, stop checks and output writes stay on the device.
 
+GPU fast path: the per-step model calls (target decode and verify forwards with their logits, the
+drafter's draft levels) go through `StaticCalls` (cuda_graphs.py): batch padded to a power of two
+into an extra KV slot no request owns, kv_len bucketed, one CUDA graph per shape captured lazily in
+a shared memory pool and replayed. Prefills and drafter feeds (variable widths) run eagerly.
+
 Randomness: each request has its own torch.Generator seeded from (seed, prompt index, sample
 index), so its random draws do not depend on which other requests share its batch (the logits can
 still differ in the last bits between batch shapes). The price is one small noise kernel per row per
@@ -58,6 +63,7 @@ from typing import Optional
 import torch
 
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
+from megatron_tlt.rollout.cuda_graphs import StaticCalls
 from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
 from megatron_tlt.rollout.selector import DraftSelector, DraftShape, arm_name, batch_bucket
 from megatron_tlt.rollout.spec_engine import DrafterState, draft_tree, feasible_shape, verify_tree
@@ -233,6 +239,7 @@ class RolloutEngine:
         draft_shape: Optional[DraftShape] = None,  # for "chain"/"tree"; default DEFAULT_SHAPES[spec]
         selector: Optional[DraftSelector] = None,  # for "adaptive"; default a DraftSelector over DEFAULT_SHAPES
         drafter_feed_capacity: int = 64,  # pending target pairs per slot before plain steps feed the drafter
+        cuda_graphs: str = "auto",  # "off" | "eager" | "capture" (see cuda_graphs.py); "auto": capture on CUDA, else off
     ):
         if not (model.pre_process and model.post_process):
             raise NotImplementedError("the rollout engine needs the whole model on one rank (no pipeline stages)")
@@ -253,7 +260,14 @@ class RolloutEngine:
         if max_batch is not None:
             per_slot = KVCache.bytes_per_slot(cfg, model.tp_size, max_seq_len, dtype, num_layers)
             cache_budget_bytes = min(cache_budget_bytes, max_batch * per_slot)
-        self.cache = KVCache.from_memory_budget(cfg, model.tp_size, cache_budget_bytes, max_seq_len, dtype, self.device, num_layers)
+        if cuda_graphs == "auto":
+            cuda_graphs = "capture" if self.device.type == "cuda" else "off"
+        padded = cuda_graphs != "off"  # static shapes pad the batch into one extra slot
+        self.cache = KVCache.from_memory_budget(
+            cfg, model.tp_size, cache_budget_bytes, max_seq_len, dtype, self.device, num_layers, extra_slots=int(padded)
+        )
+        self.num_slots = self.cache.num_slots - int(padded)  # slots requests can own; the last one pads static batches
+        self.static_calls = StaticCalls(cuda_graphs, pad_slot=self.num_slots, device=self.device)
         self.stats = EngineStats()
         self.spec, self.draft_shape, self.selector = spec, None, None
         self.drafter_state: Optional[DrafterState] = None  # the drafter and its own cache (outside the budget)
@@ -264,7 +278,8 @@ class RolloutEngine:
                 raise ValueError(f"drafter_feed_capacity={drafter_feed_capacity} must be >= the deepest draft ({deepest})")
             headroom = drafter_feed_capacity + 1 + max(a.topk * a.depth for a in arms)
             self.drafter_state = DrafterState(
-                drafter, self.num_slots, max_seq_len, drafter_feed_capacity, headroom, dtype, self.hidden_dtype, self.device
+                drafter, self.cache.num_slots, max_seq_len, drafter_feed_capacity, headroom, dtype, self.hidden_dtype,
+                self.device, self.static_calls,
             )
         self._accepted = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # [slots] drafts accepted
 
@@ -287,18 +302,28 @@ class RolloutEngine:
             raise ValueError(f"spec={spec!r} needs a draft shape with {topk}, got {self.draft_shape}")
         return [self.draft_shape]
 
-    @property
-    def num_slots(self) -> int:
-        return self.cache.num_slots
-
     # ---- model calls ----
-    def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """tokens [B, S] written after start [B] cached tokens of slots [B] -> final hidden [B, S, H]."""
-        return self.model(tokens, cache=CacheBatch(self.cache, slots, start, kv_len), with_logits=False)
-
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, S, H] -> fp32 logits [B, S, vocab_size], identical on every TP rank."""
         return self.model.compute_logits(hidden).float()
+
+    def target_call(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, kv_len: int,
+        tree_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode / verify forward through `static_calls` (a CUDA graph on GPU): tokens, positions [B, S]
+        written after start [B] tokens of slots [B], optional tree_mask [B, S, S] -> (hidden [B, S, H],
+        fp32 logits [B, S, vocab_size])."""
+        def fn(x: dict, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+            cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x.get("tree_mask"))
+            hidden = self.model(x["tokens"], position_ids=x["positions"], cache=cache, with_logits=False)
+            return hidden, self._logits(hidden)
+
+        inputs = dict(tokens=tokens, positions=positions, slots=slots, start=start)
+        if tree_mask is not None:
+            inputs["tree_mask"] = tree_mask
+        name = "decode" if tree_mask is None else "verify"
+        return self.static_calls(name, fn, inputs, kv_len, self.max_seq_len)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Cache all tokens but the last of each prompt in its slot, in one padded call.
@@ -315,7 +340,8 @@ class RolloutEngine:
         idx = torch.tensor(rows, device=self.device)
         slot_ids = torch.tensor([slots[i] for i in rows], device=self.device)
         start = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        hidden = self._forward(tokens, slot_ids, start, kv_len=tokens.shape[1])  # [R, W, H]
+        cache = CacheBatch(self.cache, slot_ids, start, kv_len=tokens.shape[1])
+        hidden = self.model(tokens, cache=cache, with_logits=False)  # [R, W, H]
         if self.drafter_state is not None:
             self.drafter_state.prefill(tokens, hidden, slot_ids)
         ends = torch.tensor([len(prompts[i]) - 2 for i in rows], device=self.device)  # [R]
@@ -327,8 +353,10 @@ class RolloutEngine:
     # ---- decode steps ----
     def plain_step(self, rows: DecodeRows, params: SamplingParams) -> StepOutput:
         """Feed every row's last token, sample one new token per row from the target distribution."""
-        hidden = self._forward(rows.last_tokens[:, None], rows.slots, rows.lengths, kv_len=max(rows.host_lengths) + 1)  # [B, 1, H]
-        logp = target_logprobs(self._logits(hidden)[:, 0], params)  # [B, V]
+        hidden, logits = self.target_call(
+            rows.last_tokens[:, None], rows.lengths[:, None], rows.slots, rows.lengths, kv_len=max(rows.host_lengths) + 1
+        )  # [B, 1, H], [B, 1, V]
+        logp = target_logprobs(logits[:, 0], params)  # [B, V]
         tokens = logp.argmax(dim=-1) if params.greedy else sample(logp, rows.generators)  # [B]
         return StepOutput(
             tokens=tokens[:, None],
@@ -343,7 +371,7 @@ class RolloutEngine:
         the accepted drafts and the correction/bonus token, with the target's logprobs and hidden states."""
         g_root = self.drafter_state.feed(rows, with_root=True)  # [B, H]
         tree = draft_tree(self.drafter_state, rows, params, draft_shape, g_root)
-        result, hidden = verify_tree(self.model, self.cache, rows, params, tree)  # hidden: [B, D+1, H]
+        result, hidden = verify_tree(self.target_call, self.cache, rows, params, tree)  # hidden: [B, D+1, H]
         self._accepted[rows.slots] += result.accept_lens
         for r in rows.requests:
             r.spec_steps += 1

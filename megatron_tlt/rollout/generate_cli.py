@@ -129,7 +129,8 @@ def run_generate(args) -> int:
             raise UserError(f"{args.prompts}:{line_no}: token id {max(ids)} is outside the model's vocabulary (size {vocab})")
     try:
         engine = RolloutEngine(
-            model, max_seq_len=args.max_seq_len, cache_budget_bytes=int(args.kv_cache_gb * 2**30), drafter=drafter, spec=args.spec
+            model, max_seq_len=args.max_seq_len, cache_budget_bytes=int(args.kv_cache_gb * 2**30), drafter=drafter, spec=args.spec,
+            cuda_graphs=args.cuda_graphs,
         )
     except ValueError as e:  # max_seq_len out of range, or the budget is below one slot
         raise UserError(str(e)) from None

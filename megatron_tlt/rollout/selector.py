@@ -91,15 +91,19 @@ class DraftSelector:
         *,
         epsilon: float = 0.1,  # probability of a uniformly random arm (exploration)
         window: int = 16,  # rewards kept per (bucket, arm); the median of these ranks the arm
+        min_samples: int = 3,  # every arm of a bucket is tried this often, round-robin, before the greedy choice
         max_spec_batch: int = 32,  # live batches above this always decode plainly
         seed: int = 0,
     ):
         if not arms:
             raise ValueError("the selector needs at least one draft shape")
-        if not 0 <= epsilon <= 1 or window < 1 or max_spec_batch < 0:
-            raise ValueError(f"need 0 <= epsilon <= 1, window >= 1, max_spec_batch >= 0; got {epsilon}, {window}, {max_spec_batch}")
+        if not 0 <= epsilon <= 1 or not 1 <= min_samples <= window or max_spec_batch < 0:
+            raise ValueError(
+                f"need 0 <= epsilon <= 1, 1 <= min_samples <= window, max_spec_batch >= 0; "
+                f"got {epsilon}, {min_samples} and {window}, {max_spec_batch}"
+            )
         self.arms: tuple[Optional[DraftShape], ...] = (None, *dict.fromkeys(arms))  # "off" first: it wins ties
-        self.epsilon, self.window, self.max_spec_batch = epsilon, window, max_spec_batch
+        self.epsilon, self.window, self.min_samples, self.max_spec_batch = epsilon, window, min_samples, max_spec_batch
         self._rng = random.Random(seed)
         self._rewards: dict[tuple[int, Optional[DraftShape]], deque] = {}
         self.choices: dict[int, Counter] = defaultdict(Counter)  # bucket -> arm name -> times chosen
@@ -108,15 +112,16 @@ class DraftSelector:
         return self._rewards.setdefault((bucket, arm), deque(maxlen=self.window))
 
     def choose(self, batch_size: int) -> Optional[DraftShape]:
-        """The arm for a step over `batch_size` live rows: an untried arm of its bucket first, then a random
-        arm with probability epsilon, else the best median reward."""
+        """The arm for a step over `batch_size` live rows: while some arm of its bucket has fewer than
+        `min_samples` rewards, the least tried (one noisy first step must not rule an arm out); then a
+        random arm with probability epsilon, else the best median reward."""
         bucket = batch_bucket(batch_size)
         if batch_size > self.max_spec_batch:
             arm = None
         else:
-            untried = [a for a in self.arms if not self._window(bucket, a)]
-            if untried:
-                arm = untried[0]
+            tried = [len(self._window(bucket, a)) for a in self.arms]
+            if min(tried) < self.min_samples:
+                arm = self.arms[tried.index(min(tried))]
             elif self._rng.random() < self.epsilon:
                 arm = self._rng.choice(self.arms)
             else:

@@ -47,6 +47,7 @@ from megatron_tlt.rollout.speculative import DraftTree, TreeBuilder, VerifyResul
 
 if TYPE_CHECKING:
     from megatron_tlt.drafter.model import Drafter
+    from megatron_tlt.rollout.cuda_graphs import StaticCalls
     from megatron_tlt.models.kv_cache import KVCache
     from megatron_tlt.rollout.engine import DecodeRows, StepOutput
 
@@ -64,12 +65,15 @@ class DrafterState:
         dtype: torch.dtype,  # of the drafter's KV cache
         hidden_dtype: torch.dtype,  # of the buffered target hidden states
         device,
+        static_calls: "StaticCalls",  # runs the draft levels (CUDA graphs on GPU)
     ):
         if capacity < 1:
             raise ValueError(f"the drafter feed capacity must be >= 1, got {capacity}")
         self.drafter = drafter
         self.capacity = capacity
-        self.cache = drafter.new_cache(num_slots, max_seq_len + headroom, dtype, device)
+        self.static_calls = static_calls
+        self.cache_len = max_seq_len + headroom
+        self.cache = drafter.new_cache(num_slots, self.cache_len, dtype, device)
         H = drafter.cfg.hidden_size
         # Pending pairs (x_{t+1}, f_t) for positions fed .. L-2 of each slot, at index t - fed; the last
         # column absorbs ignored writes.
@@ -117,6 +121,19 @@ class DrafterState:
         """Before a plain step (which adds one pending pair per row): feed the drafter if a buffer is full."""
         if max(self.pending(rows), default=0) >= self.capacity:
             self.feed(rows, with_root=False)
+
+    def level(
+        self, tokens: torch.Tensor, parent_g: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+        start: torch.Tensor, kv_len: int, visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """One draft level through `static_calls`: tokens, positions [B, K], parent_g [B, K, H], cached after
+        start [B] entries of slots [B], visible [B, K, E+K] (see `draft_tree`) -> drafter outputs [B, K, H]."""
+        def fn(x: dict, kv: int) -> torch.Tensor:
+            cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x["visible"])
+            return self.drafter(x["tokens"], x["parent_g"], x["positions"], cache=cache)
+
+        inputs = dict(tokens=tokens, parent_g=parent_g, positions=positions, slots=slots, start=start, visible=visible)
+        return self.static_calls("draft", fn, inputs, kv_len, self.cache_len)
 
     def feed(self, rows: "DecodeRows", with_root: bool) -> Optional[torch.Tensor]:
         """Run the drafter over every row's pending pairs (then its root, with_root) in one right-padded call.
@@ -179,18 +196,19 @@ def draft_tree(
         parent_g = g.gather(1, frontier.parent_slot[..., None].expand(B, K, g.shape[-1]))  # [B, K, H]
         positions = (rows.lengths - 1 + depth)[:, None].expand(B, K)  # [B, K]
         visible = frontier.fed_mask[:, fed:]  # [B, K, E+K]: ancestors among the cached draft nodes, and itself
-        cache = CacheBatch(state.cache, rows.slots, rows.lengths + fed, kv_len=max(rows.host_lengths) + fed + K, new_mask=visible)
-        g = drafter(frontier.tokens, parent_g, positions, cache=cache)  # [B, K, H]
+        kv_len = max(rows.host_lengths) + fed + K
+        g = state.level(frontier.tokens, parent_g, positions, rows.slots, rows.lengths + fed, kv_len, visible)  # [B, K, H]
         fed += K
         frontier = builder.expand(_level_logprobs(drafter, g, params, shape))
     return builder.finalize(shape.num_verify)
 
 
 def verify_tree(
-    model, cache: "KVCache", rows: "DecodeRows", params: SamplingParams, tree: DraftTree
+    target_call, cache: "KVCache", rows: "DecodeRows", params: SamplingParams, tree: DraftTree
 ) -> tuple[VerifyResult, torch.Tensor]:
     """One target forward over [root, nodes] with the tree mask (positions L + depth), lossless
-    verification, and the accepted K/V moved next to the committed ones.
+    verification, and the accepted K/V moved next to the committed ones. `target_call` is the engine's
+    (`RolloutEngine.target_call`: the target forward plus logits, a CUDA graph on GPU).
 
     Returns the VerifyResult and hidden [B, D+1, H]: the target's final hidden state at the position
     that produced each emitted token (the root, then each accepted node).
@@ -198,9 +216,8 @@ def verify_tree(
     N = tree.tokens.shape[1]
     tokens = torch.cat([rows.last_tokens[:, None], tree.tokens], dim=1)  # [B, 1+N]
     positions = rows.lengths[:, None] + tree.position_offsets  # [B, 1+N]
-    batch = CacheBatch(cache, rows.slots, rows.lengths, kv_len=max(rows.host_lengths) + 1 + N, new_mask=tree.tree_mask)
-    hidden = model(tokens, position_ids=positions, cache=batch, with_logits=False)  # [B, 1+N, H]
-    logits = model.compute_logits(hidden).float()  # [B, 1+N, V]
+    kv_len = max(rows.host_lengths) + 1 + N
+    hidden, logits = target_call(tokens, positions, rows.slots, rows.lengths, kv_len, tree.tree_mask)  # [B, 1+N, H], [B, 1+N, V]
     logp = target_logprobs(logits.flatten(0, 1), params).view_as(logits)
     result = verify(tree, logp, rows.generators)
     keep = kv_keep_index(result)  # [B, D+1]
