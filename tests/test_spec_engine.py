@@ -500,7 +500,7 @@ def test_selector_leaves_an_arm_that_turns_worse_than_off():
     assert names[change - 50 : change].count("tree4x4n16") > 35
     after = names[change:]
     first_leave = next(i for i in range(len(after)) if after[i : i + 5].count("tree4x4n16") == 0)
-    assert first_leave <= window  # the window median flips after window/2 bad rewards
+    assert first_leave <= window  # the window throughput falls below chain3's after 7 bad steps
     assert after[window:].count("tree4x4n16") < 0.1 * len(after)  # exploration only
     assert max(after[window:].count(n) for n in BASE) == after[window:].count("chain3")
 
