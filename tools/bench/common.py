@@ -1,0 +1,149 @@
+"""A small trained policy and its drafter, for the rollout and TLT benchmarks; cached on disk.
+
+Speculative decoding is only as fast as the drafter is accepted, so a benchmark needs a policy whose
+outputs are structured and a drafter that learned them. `trained_models(args, ps)` builds both with
+the library's own warm-up (`pipeline.warm_up`): the policy is trained supervised (packed) on a
+built-in synthetic task's worked solutions, then it answers training prompts (sampled at the
+rollout temperature, as in RL) and the drafter is trained offline on those samples
+(`drafter.train.train_drafter_offline`). Benchmarks then run on the task's held-out prompts, which
+neither model has seen.
+
+The result is saved under --cache-dir (a megatron_tlt checkpoint with the tokenizer, and a drafter
+directory) in a folder named by a hash of every option that shapes it, so a rerun with the same
+options loads it in seconds. Delete the folder after changing the model code.
+
+    add_model_args(parser)                     # the options below
+    models = trained_models(args, ps)          # TrainedModels: policy, drafter, tokenizer, prompts
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_tlt.checkpoint.dcp import is_tlt_checkpoint, save_checkpoint
+from megatron_tlt.config.schema import Config, DataConfig, DrafterConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig
+from megatron_tlt.data.datasets import PromptDataset
+from megatron_tlt.data.tokenizer import TOKENIZER_FILES, load_tokenizer
+from megatron_tlt.drafter.export import load_drafter, save_drafter
+from megatron_tlt.drafter.model import Drafter
+from megatron_tlt.models.loading import load_model
+from megatron_tlt.models.transformer import Policy
+from megatron_tlt.parallel import set_seed
+from megatron_tlt.parallel.state import ParallelState
+from megatron_tlt.pipeline import build_datasets, build_engine, build_tokenizer, warm_up
+
+POLICY_DIR, DRAFTER_DIR = "policy", "drafter"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trained policy and drafter (cached under --cache-dir)")
+    g.add_argument("--cache-dir", default="/tmp/megatron_tlt_bench", help="where the trained policy and drafter are kept")
+    g.add_argument("--task", default="countdown", help="built-in synthetic task (countdown: long-tailed worked solutions)")
+    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--layers", type=int, default=16)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=4)
+    g.add_argument("--vocab", type=int, default=256, help="size of the built-in test tokenizer's vocabulary")
+    g.add_argument("--sft-steps", type=int, default=150, help="supervised steps of the policy")
+    g.add_argument("--sft-batch", type=int, default=16, help="sequences per supervised step")
+    g.add_argument("--sft-lr", type=float, default=2e-3)
+    g.add_argument("--drafter-prompts", type=int, default=256, help="training prompts the policy answers for the drafter")
+    g.add_argument("--drafter-steps", type=int, default=300)
+    g.add_argument("--drafter-lr", type=float, default=1e-3)
+    g.add_argument("--sample-max-new-tokens", type=int, default=256, help="response limit of the drafter's training samples")
+    g.add_argument("--num-held-out", type=int, default=256, help="held-out prompts to benchmark on")
+    g.add_argument("--seed", type=int, default=0)
+
+
+@dataclass
+class TrainedModels:
+    cfg: Config  # what built them (model, data, warm-up options)
+    policy: Policy
+    drafter: Drafter
+    tokenizer: object
+    train: PromptDataset  # the prompts the policy and the drafter were trained on
+    held_out: PromptDataset  # prompts neither has seen
+    checkpoint: Path  # the policy's megatron_tlt checkpoint (tokenizer files included)
+    report: list[str]  # how they were made (cached runs: as recorded when they were made)
+
+
+def bench_config(args) -> Config:
+    """The run config whose warm-up trains the benchmark's policy and drafter."""
+    model = ModelConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
+        num_layers=args.layers, num_attention_heads=args.heads, num_kv_heads=args.kv_heads, max_position_embeddings=1024,
+    )
+    return Config(
+        model=model,
+        data=DataConfig(task=args.task, num_examples=4096, eval_examples=args.num_held_out, max_prompt_tokens=128),
+        rollout=RolloutConfig(temperature=1.0, max_new_tokens=args.sample_max_new_tokens, kv_cache_gb=0.5),
+        drafter=DrafterConfig(lr=args.drafter_lr, warmup_steps=args.drafter_steps, warmup_prompts=args.drafter_prompts),
+        optim=OptimConfig(micro_batch_tokens=4096),
+        run=RunConfig(seed=args.seed, sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_batch=args.sft_batch),
+    )
+
+
+def _cache_dir(args, cfg: Config) -> Path:
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return Path(args.cache_dir) / f"{args.task}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}"
+
+
+class _Lines(logging.Handler):
+    """Collects the warm-up's log lines (its losses and top-1 agreement) for the report."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _train_and_save(cfg: Config, ps: ParallelState, tokenizer, tokenizer_dir: Path, train: PromptDataset, root: Path) -> None:
+    """Warm the policy and the drafter up from scratch (`pipeline.warm_up`) and save them under `root`."""
+    set_seed(cfg.run.seed)
+    policy = Policy(cfg.model, ps.tp_group).to(ps.device)
+    engine, _ = build_engine(cfg, policy, ps)  # cfg.rollout.spec is "off": a plain engine for the drafter's samples
+    drafter = Drafter(policy).to(ps.device)
+    lines = _Lines()
+    logger = logging.getLogger("megatron_tlt.pipeline")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    start = time.perf_counter()
+    try:
+        warm_up(cfg, policy, drafter, engine, tokenizer, train, ps)
+    finally:
+        logger.removeHandler(lines)
+    report = [*lines.lines, f"policy and drafter trained in {time.perf_counter() - start:.0f} s"]
+    files = {name: tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()}
+    save_checkpoint(root / POLICY_DIR, policy, cfg.model, files=files)
+    save_drafter(root / DRAFTER_DIR, drafter, meta={"report": report})  # last: its presence marks a complete cache
+
+
+def trained_models(args, ps: ParallelState, dtype=None) -> TrainedModels:
+    """The benchmark's policy and drafter (trained now, or loaded from the cache; in `dtype`, default the
+    trained one: float32) and the task's prompts."""
+    cfg = bench_config(args)
+    root = _cache_dir(args, cfg)
+    cached = is_tlt_checkpoint(root / POLICY_DIR) and (root / DRAFTER_DIR / "COMPLETE").is_file()
+    if cached:
+        tokenizer = load_tokenizer(root / POLICY_DIR)
+    else:
+        tokenizer, tokenizer_dir = build_tokenizer(cfg, root, ps)
+    train, held_out = build_datasets(cfg, tokenizer)
+    if not cached:
+        _train_and_save(cfg, ps, tokenizer, tokenizer_dir, train, root)
+    report = json.loads((root / DRAFTER_DIR / "meta.json").read_text())["report"]
+    if cached:
+        report.append(f"(loaded from {root})")
+    policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device, dtype=dtype)
+    drafter = load_drafter(root / DRAFTER_DIR, policy).eval()
+    return TrainedModels(cfg, policy, drafter, tokenizer, train, held_out, root / POLICY_DIR, report)
