@@ -20,6 +20,7 @@ from dist_utils import run_distributed
 
 from megatron_tlt.config.schema import AlgoConfig, ModelConfig, OptimConfig
 from megatron_tlt.coordinator import SpotTrainer
+from megatron_tlt.coordinator.spot import buckets
 from megatron_tlt.drafter import Drafter
 from megatron_tlt.drafter.buffer import DrafterBuffer, from_trainer_output
 from megatron_tlt.drafter.train import DrafterExample, DrafterTrainer, policy_examples
@@ -124,6 +125,12 @@ def test_from_trainer_output_aligns_tokens_with_the_update_hidden_states():
         from_trainer_output(samples, {0: hidden[0][:-1]})
 
 
+def test_merge_buckets_group_consecutive_tensors_under_a_size():
+    sizes = [3, 4, 10, 2, 2, 1]
+    groups = buckets([torch.zeros(n) for n in sizes], max_numel=7)
+    assert [[t.numel() for t in g] for g in groups] == [[3, 4], [10], [2, 2, 1]]
+
+
 # ---- the coordinator, two gloo processes ----
 def drafter_setup(ps, max_tokens: int = 48):
     """A trainer of the same tiny drafter on every rank, and a function making examples from its policy."""
@@ -178,6 +185,7 @@ def _preempted_and_merged(rank: int, ps, trainer: DrafterTrainer, examples) -> t
         print(f"\nspot rank 1: {stats.steps} steps in {stats.train_time_s:.2f} s, "
               f"max step {1e3 * stats.max_step_time_s:.0f} ms, stop latency {1e3 * stats.stop_latency_s:.0f} ms, "
               f"recovered {stats.idle_recovered_s:.2f} of {stats.idle_s:.2f} idle s")
+    before = drafter_state(trainer)
     metrics = spot.merge()
     assert metrics["drafter_steps"] == sum(s.steps for s in every)
     assert metrics["stop_latency_s"] == max(s.stop_latency_s for s in every)
@@ -185,6 +193,8 @@ def _preempted_and_merged(rank: int, ps, trainer: DrafterTrainer, examples) -> t
     merged = drafter_state(trainer)
     assert same_on_all_ranks(merged), "drafter weights or Adam state differ across DP ranks after the merge"
     assert not torch.equal(flat(trainer.params), initial)
+    if rank == 1:  # weights 1 (all the steps) and 0: the merge hands rank 1's drafter and Adam state to both
+        assert torch.equal(merged, before)
     return merged
 
 

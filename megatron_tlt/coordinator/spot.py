@@ -30,8 +30,9 @@ key-value store (the default group's, unless one is passed), not collectives:
   optimizer identical, which the run checkpoint relies on (it stores one copy of the replicated state), and
   hands ranks that did not train the moments of those that did (the averaged step count may be fractional:
   bias correction only needs it approximately). For bit-identical results on every rank the
-  weighted sum is reduced to DP rank 0 and broadcast from it (the same volume as one all-reduce), one
-  tensor at a time in fp32 (the transient memory is one fp32 tensor, not the drafter).
+  weighted sum is reduced to DP rank 0 and broadcast from it (the same volume as one all-reduce), in fp32
+  buckets of up to MERGE_BUCKET_BYTES (a few collectives instead of two per tensor; the transient memory
+  is one bucket, not the drafter).
 
 Measured per rank (`SpotStats`) and, by `merge`, per RL step over DP replicas: drafter_steps (updates, sum),
 drafter_train_time_s (rank-seconds in drafter steps, sum), idle_rank_s (rank-seconds between a replica's
@@ -61,6 +62,19 @@ from megatron_tlt.drafter.train import DrafterTrainer
 from megatron_tlt.parallel.state import ParallelState
 
 STOP, WAIT, STEP = 0, 1, 2  # TP rank 0's decision before each step
+MERGE_BUCKET_BYTES = 64 << 20  # fp32 bytes reduced per collective by `merge`
+
+
+def buckets(tensors: Sequence[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
+    """Consecutive tensors grouped so each group holds at most max_numel elements (a bigger tensor goes alone)."""
+    groups, size = [], 0
+    for t in tensors:
+        if not groups or size + t.numel() > max_numel:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.numel()
+    return groups
 
 
 @dataclass
@@ -193,10 +207,10 @@ class SpotTrainer:
         """Every trained parameter and its AdamW state := sum over DP of weight * value, from DP rank 0."""
         optimizer = self.trainer.optimizer
         init_adam_state(optimizer)  # a rank that never stepped contributes zeros (its weight is 0)
-        for p in self.trainer.params:
-            state = optimizer.state[p]
-            for tensor in [p, *(state[key] for key in sorted(state))]:
-                merged = tensor.to(self.ps.device, torch.float32) * weight
-                dist.reduce(merged, group_dst=0, group=self.ps.dp_group)
-                dist.broadcast(merged, group_src=0, group=self.ps.dp_group)
-                tensor.copy_(merged)
+        tensors = [t for p in self.trainer.params for t in (p, *(optimizer.state[p][k] for k in sorted(optimizer.state[p])))]
+        for group in buckets(tensors, MERGE_BUCKET_BYTES // 4):
+            merged = torch.cat([t.to(self.ps.device, torch.float32).flatten() for t in group]) * weight
+            dist.reduce(merged, group_dst=0, group=self.ps.dp_group)
+            dist.broadcast(merged, group_src=0, group=self.ps.dp_group)
+            for t, part in zip(group, merged.split([t.numel() for t in group])):
+                t.copy_(part.view_as(t))

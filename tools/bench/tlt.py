@@ -1,35 +1,40 @@
 """End-to-end RL step, TLT vs SD with a frozen drafter vs no SD, on a long-tailed workload (DESIGN targets:
 TLT >= 1.7x step speedup over no SD; drafter training <= 3% of the critical path).
 
-One invocation runs the same GRPO workload three times, each as a 2-DP-rank run on this machine (gloo,
-launched like `megatron-tlt demo`, with its `train_on_local_ranks`), with the same seed and settings:
+The starting point is the rollout benchmark's (tools/bench/common.py, cached under --cache-dir): a policy
+trained supervised on the countdown task's worked solutions (their lengths are long-tailed: see the
+printed p90/p50 and max) and an EAGLE drafter trained offline on the policy's own samples. One
+invocation then runs the same GRPO workload from it three times, each as a 2-DP-rank run on this machine
+(gloo, launched like `megatron-tlt demo`, with its `train_on_local_ranks`), same seed and settings:
 - nosd:   rollout.spec=off
-- frozen: rollout.spec=adaptive, drafter.online=false (drafter warmed up offline, then never trained)
-- tlt:    rollout.spec=adaptive, drafter.online=true  (the same warm-up, then spot training on idle ranks)
-Each run starts with a short supervised warm-up of a fresh policy on the arithmetic task with up to
---max-terms terms (worked solutions grow with the term count, and the count is skewed, so response lengths
-are long-tailed: see the printed p90/p50), then --steps RL steps. The first --skip steps of every run are
-left out of the means (the first rollouts also pay one-off costs). Per mode it prints means over the
-remaining steps of rank 0's metrics.jsonl rows, then the speedups of the means and the critical-path share
-of drafter training under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_time_s)
-over step time.
+- frozen: rollout.spec=adaptive, drafter.online=false (the offline drafter, never trained again)
+- tlt:    rollout.spec=adaptive, drafter.online=true  (the same drafter, then spot training on idle ranks)
+Rollouts sample at temperature 1, as in RL. The first --skip steps of every run are left out of the means
+(the first rollouts also pay one-off costs). Per mode it prints means over the remaining steps of rank
+0's metrics.jsonl rows, then the speedups of the means and the critical-path share of drafter training
+under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_time_s) over step time.
 
-    python tools/bench/tlt.py            # about 6-8 min on 2 idle CPU cores (much longer on a loaded machine)
-    python tools/bench/tlt.py --quick    # about 3 min idle (about 5 min measured on 2 cores shared with another job)
-    python tools/bench/tlt.py --hidden 512 --layers 8 --steps 20 --prompts 64   # larger, e.g. on a GPU host
+    python tools/bench/tlt.py            # CPU: ~4 min to train the models once (cached), then ~3 min per mode
+    python tools/bench/tlt.py --quick    # fewer, smaller RL steps
+    python tools/bench/tlt.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 --prompts 64   # on a GPU
 
-Ratios only: absolute times on a shared CPU are noisy, and at tiny scale one decode step is dominated by
-per-step Python and launch overhead rather than by matmuls, which is the regime where SD helps least.
+Ratios only on CPU: absolute times on a shared CPU are noisy, and a small model's decode step is
+dominated by per-step overhead rather than by matmuls.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from megatron_tlt.config import load_config
-from megatron_tlt.demo import train_on_local_ranks
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DRAFTER_DIR, POLICY_DIR, add_model_args, bench_config, trained_models  # noqa: E402
+
+from megatron_tlt.config import load_config  # noqa: E402
+from megatron_tlt.demo import train_on_local_ranks  # noqa: E402
+from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
 
 MODES = {
     "nosd": ("no SD", ["rollout.spec=off"]),
@@ -38,20 +43,23 @@ MODES = {
 }
 
 
-def settings(a: argparse.Namespace, mode: str) -> list[str]:
+def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
+    data = bench_config(a).data
     return [
         f"run.dir={Path(a.out) / mode}", f"run.seed={a.seed}", "run.tensorboard=false", "run.eval_every=0",
-        f"model.hidden_size={a.hidden}", f"model.intermediate_size={a.hidden * 11 // 4}", f"model.num_layers={a.layers}",
-        "data.task=arithmetic", f"data.task_args={{max_terms: {a.max_terms}, max_value: 20}}", "data.eval_examples=16",
-        f"run.sft_steps={a.sft_steps}", "run.sft_lr=2e-3", f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}",
-        f"rollout.n={a.n}", f"rollout.max_new_tokens={a.max_new_tokens}", "optim.lr=1e-4", "reward.num_workers=0",
-        f"rollout.max_spec_batch={a.max_spec_batch}", f"drafter.warmup_steps={a.drafter_warmup}", "drafter.lr=3e-4",
+        f"run.model_path={models_dir / POLICY_DIR}", f"drafter.path={models_dir / DRAFTER_DIR}",
+        "run.sft_steps=0", "drafter.warmup_steps=0",
+        f"data.task={a.task}", f"data.num_examples={data.num_examples}", "data.eval_examples=16",
+        f"data.max_prompt_tokens={data.max_prompt_tokens}", f"reward.fns=[{{name: {a.task}}}]", "reward.num_workers=0",
+        f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "rollout.temperature=1.0",
+        f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
+        f"optim.lr={a.lr}", f"drafter.lr={a.drafter_lr_online}", f"drafter.micro_batch_tokens={a.drafter_tokens}",
         *MODES[mode][1],
     ]
 
 
-def run_mode(a: argparse.Namespace, mode: str, ranks: int = 2) -> tuple[list[dict], float]:
-    cfg = load_config(None, settings(a, mode))
+def run_mode(a: argparse.Namespace, models_dir: Path, mode: str, ranks: int = 2) -> tuple[list[dict], float]:
+    cfg = load_config(None, settings(a, models_dir, mode))
     path = Path(cfg.run.dir) / "metrics.jsonl"
     if path.exists():
         path.unlink()  # a run dir from an earlier invocation: start clean (no resume)
@@ -84,33 +92,37 @@ def summarize(rows: list[dict], skip: int) -> dict[str, float]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer RL steps and a shorter warm-up")
+    add_model_args(p)
+    p.add_argument("--quick", action="store_true", help="fewer and smaller RL steps")
     p.add_argument("--out", default="runs/bench_tlt")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--max-terms", type=int, default=8)
-    p.add_argument("--sft-steps", type=int, default=200)
-    p.add_argument("--drafter-warmup", type=int, default=120)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--skip", type=int, default=1, help="first RL steps left out of the means")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per RL step (split over the 2 ranks)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per RL step (split over the 2 ranks)")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-spec-batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4, help="policy learning rate (how fast the policy moves)")
+    p.add_argument("--drafter-lr-online", type=float, default=3e-4)
+    p.add_argument("--drafter-tokens", type=int, default=512, help="tokens per drafter step: the unit of preemption")
     p.add_argument("--modes", default="nosd,frozen,tlt")
     a = p.parse_args(argv)
     if a.quick:
-        a.sft_steps, a.drafter_warmup, a.steps, a.prompts = 120, 80, 4, 8
+        a.steps, a.prompts = 4, 4
+    ps = init_parallel()
+    models = trained_models(a, ps)
+    destroy_parallel()
+    models_dir = models.checkpoint.parent
+    for line in models.report:
+        print(f"[bench] {line}")
     modes = a.modes.split(",")
     res = {}
     for mode in modes:
-        rows, wall = run_mode(a, mode)
+        rows, wall = run_mode(a, models_dir, mode)
         res[mode] = s = summarize(rows, a.skip)
         print(f"[bench] {mode}: {len(rows)} RL steps in a {wall:.0f}s run (incl. warm-up); response length "
               f"p50 {s['p50']:.1f} p90 {s['p90']:.1f} max {s['max']:.0f} (p90/p50 {s['p90'] / max(s['p50'], 1):.2f})", flush=True)
-    print(f"\nmeans over RL steps {a.skip}..{a.steps - 1} (2 DP ranks, hidden {a.hidden}, {a.layers} layers, "
-          f"{a.prompts} prompts x {a.n} samples, max_new_tokens {a.max_new_tokens})")
+    print(f"\nmeans over RL steps {a.skip}..{a.steps - 1} (2 DP ranks, {a.task}, hidden {a.hidden}, {a.layers} layers, "
+          f"{a.prompts} prompts x {a.n} samples, max_new_tokens {a.max_new_tokens}, temperature 1)")
     print(f"{'mode':<20} {'step s':>8} {'rollout s':>10} {'train s':>8} {'accept':>7} {'drafter steps':>14} "
           f"{'drafter s':>10} {'idle rank-s recovered':>22} {'reward':>7}")
     for mode in modes:
