@@ -186,9 +186,9 @@ def test_static_shapes_equal_exact_shapes(model, drafters, spec, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
 @pytest.mark.parametrize("spec", ["off", "tree"])
-def test_cuda_graphs_equal_eager_on_gpu(spec):
+def test_cuda_graphs_equal_eager_on_gpu(model, spec):
     torch.manual_seed(0)
-    policy = Policy(CFG).cuda().eval().requires_grad_(False)
+    policy = Policy(CFG, tp_group=model.tp_group).cuda().eval().requires_grad_(False)
     kw = {} if spec == "off" else dict(drafter=Drafter(policy).cuda().eval(), spec="tree", draft_shape=TREE)
     params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
     eager = make_engine(policy, num_slots=3, cuda_graphs="off", **kw).generate(PROMPTS, params)
