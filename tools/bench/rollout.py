@@ -28,7 +28,7 @@ batches of B, left-padded), and batch-1 decode time per token against the HBM-ba
 bytes read per token (the weights, minus the embedding table of which one row is read, plus the KV
 cache of the context) / step time, as a fraction of --peak-bandwidth.
 
-    python tools/bench/rollout.py                   # CPU defaults: trains the model once (~3-5 min), then ~4 min
+    python tools/bench/rollout.py                   # CPU defaults: trains the model once (~4 min, cached), then ~5 min
     python tools/bench/rollout.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 \\
         --dtype bfloat16 --batch-sizes 1 4 16 64 256     # on a GPU (the roofline needs a model big enough to be bandwidth-bound)
 """
@@ -219,7 +219,7 @@ def main() -> None:
     p.add_argument("--tree-verify", type=int, default=12)
     p.add_argument("--max-spec-batch", type=int, default=32, help="adaptive: live batches above this decode plainly")
     p.add_argument("--sampled-batch", type=int, default=4, help="live batch size of the temperature-1 rows (0: skip them)")
-    p.add_argument("--iters", type=int, default=3, help="timed rounds per mode after a warm-up; the best counts")
+    p.add_argument("--iters", type=int, default=5, help="timed rounds per mode after a warm-up; the best counts")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the benchmarked models (trained in float32)")
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="bytes/s of the GPU's HBM (H100 SXM: 3.35e12)")
     args = p.parse_args()
