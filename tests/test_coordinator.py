@@ -25,7 +25,7 @@ from megatron_tlt.drafter import Drafter
 from megatron_tlt.drafter.buffer import DrafterBuffer, from_trainer_output
 from megatron_tlt.drafter.train import DrafterExample, DrafterTrainer, policy_examples
 from megatron_tlt.models.transformer import Policy
-from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
+from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.trainer import PolicyTrainer, Sample
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=2,
@@ -34,13 +34,7 @@ H = 8  # hidden size of the synthetic buffer examples
 SLACK_S = 0.25  # scheduling jitter allowed on top of one drafter step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    destroy_parallel()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def example(code: int, length: int) -> DrafterExample:

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import run_distributed
+from train_utils import fit_packed
 
 from megatron_tlt.cli import main as cli_main
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
-from megatron_tlt.data.packing import pack_sequences
 from megatron_tlt.drafter import Drafter
 from megatron_tlt.drafter.export import (
     WEIGHTS_FILE,
@@ -66,15 +66,7 @@ def policy():
     set_seed(0)
     model = Policy(CFG, tp_group=ps.tp_group)
     gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        pb = pack_sequences(counting_sequences(16, gen))
-        logits = model(pb.tokens[None], position_ids=pb.position_ids[None], cu_seqlens=pb.cu_seqlens)[0]  # [T, V]
-        loss = (F.cross_entropy(logits, pb.targets, reduction="none") * pb.loss_mask).sum() / pb.loss_mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    fit_packed(model, lambda: counting_sequences(16, gen), steps=60)
     yield model.eval()
     destroy_parallel()
     torch.set_num_threads(threads)

@@ -9,10 +9,9 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
+from train_utils import fit_packed
 
 from megatron_tlt.config.schema import ModelConfig
-from megatron_tlt.data.packing import pack_sequences
 from megatron_tlt.drafter import Drafter
 from megatron_tlt.drafter.buffer import DrafterBuffer
 from megatron_tlt.drafter.train import DrafterTrainer, policy_examples, train_drafter_offline
@@ -41,15 +40,7 @@ def strided_sequences(n: int, gen: torch.Generator, strides: tuple[int, ...]) ->
 
 def sft(model: Policy, strides: tuple[int, ...], steps: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        pb = pack_sequences(strided_sequences(16, gen, strides))
-        logits = model(pb.tokens[None], position_ids=pb.position_ids[None], cu_seqlens=pb.cu_seqlens)[0]  # [T, V]
-        loss = (F.cross_entropy(logits, pb.targets, reduction="none") * pb.loss_mask).sum() / pb.loss_mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    fit_packed(model, lambda: strided_sequences(16, gen, strides), steps)
 
 
 def greedy_samples(model: Policy, prompts: list[list[int]]) -> list[list[int]]:

@@ -26,13 +26,7 @@ REQUIRED_METRICS = {"step", "reward_mean", "response_len_mean", "response_len_p5
                     "rollout_time_s", "reward_time_s", "train_time_s", "step_time_s", "tokens_per_s"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    destroy_parallel()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_samples(seed: int = 0, n: int = 12) -> list[Sample]:
