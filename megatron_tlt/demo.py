@@ -36,6 +36,7 @@ DEMO_SETTINGS = (
     "run.sft_steps=300", "run.sft_lr=2e-3", "run.steps=60", "run.eval_every=20", "run.prompts_per_step=32",
     "rollout.n=8", "rollout.max_new_tokens=32", "optim.lr=1e-4",
     "rollout.spec=adaptive", "drafter.online=true", "drafter.warmup_steps=200", "drafter.lr=3e-4",
+    "drafter.micro_batch_tokens=512",  # short drafter steps: more of them fit the idle time (CPU)
 )
 DEMO_RANKS = 2
 
