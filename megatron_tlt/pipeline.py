@@ -131,9 +131,10 @@ def sampling_params(r: RolloutConfig, tokenizer, seed: int, greedy: bool = False
 
 # ---- one step ----
 def rollout(engine, prompts: dict[int, PromptExample], params: SamplingParams) -> list[Sample]:
-    """n samples for each prompt in one engine call; `prompts` maps a global group id to its prompt."""
+    """n samples for each prompt in one engine call; `prompts` maps a global group id to its prompt, which
+    also seeds its samples (the same rollouts at any DP size)."""
     groups = list(prompts)
-    completions = engine.generate([prompts[g].prompt_ids for g in groups], params)
+    completions = engine.generate([prompts[g].prompt_ids for g in groups], params, seed_ids=groups)
     return [
         Sample(prompts[g].prompt_ids, c.token_ids, c.logprobs, group=g, finish_reason=c.finish_reason)
         for g, cs in zip(groups, completions)

@@ -180,6 +180,12 @@ def test_samples_do_not_depend_on_batch_composition(model):
     alone = engine.generate([[4, 8, 15]], params)
     batched = engine.generate([[4, 8, 15], [16, 23, 42, 50, 51], [1]], params)
     assert tokens_of(alone)[0] == tokens_of(batched)[0]
+    # seed_ids: the same prompt at another position (another DP rank's share) draws the same samples
+    moved = engine.generate([[16, 23, 42, 50, 51], [4, 8, 15]], params, seed_ids=[1, 0])
+    assert tokens_of(moved) == tokens_of(batched)[:2][::-1]
+    assert tokens_of(engine.generate([[4, 8, 15]], params, seed_ids=[7]))[0] != tokens_of(alone)[0]
+    with pytest.raises(ValueError, match="2 seed_ids for 1 prompts"):
+        engine.generate([[4, 8, 15]], params, seed_ids=[0, 1])
 
 
 # ---- queueing and batch shrinking ----

@@ -398,10 +398,18 @@ class RolloutEngine:
 
     # ---- the loop ----
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """Completions [prompt][sample] for token-id prompts; ValueError on bad input before any work."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seed_ids: Optional[list[int]] = None
+    ) -> list[list[Completion]]:
+        """Completions [prompt][sample] for token-id prompts; ValueError on bad input before any work.
+        `seed_ids` [P] name the prompts in their request seeds (default: their positions), so that a
+        prompt's samples do not depend on which batch or DP rank it lands in."""
         params.validate()
         self._check_prompts(prompts)
+        if seed_ids is None:
+            seed_ids = list(range(len(prompts)))
+        elif len(seed_ids) != len(prompts):
+            raise ValueError(f"{len(seed_ids)} seed_ids for {len(prompts)} prompts")
         t0 = time.perf_counter()
         self.stats = EngineStats()
         results: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
@@ -412,7 +420,7 @@ class RolloutEngine:
                 if room < 1:
                     results[i][j] = Completion([], [], "prompt_too_long", stats={"prompt_tokens": len(prompt)})
                     continue
-                gen = torch.Generator(device=self.device).manual_seed(request_seed(params.seed, i, j))
+                gen = torch.Generator(device=self.device).manual_seed(request_seed(params.seed, seed_ids[i], j))
                 pending.append(_Request(i, j, prompt, min(params.max_new_tokens, room), gen))
 
         buffers = self._output_buffers(params.max_new_tokens)
