@@ -18,6 +18,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, message", [
     ("model.num_layer=3", "unknown config key 'model.num_layer'; did you mean 'model.num_layers'?"),
     ("modle.hidden_size=3", "did you mean 'model'?"),
+    ("reward.fns=[{nam: math}]", "unknown config key 'nam'; did you mean 'reward.fns[].name'?"),
     ("model.num_layers=abc", "bad value for config key 'model.num_layers'"),
     ("model.arch=gpt2", "supported: llama, qwen2, qwen3"),
     ("rollout.spec=fast", "rollout.spec='fast'"),

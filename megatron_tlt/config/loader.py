@@ -26,23 +26,38 @@ class ConfigError(UserError, ValueError):
 
 
 def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of the schema, dotted; the fields of list items (reward.fns) as 'reward.fns[].name'."""
     keys = []
     for f in dataclasses.fields(cls):
         full = f"{prefix}{f.name}"
         keys.append(full)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            keys.extend(_valid_keys(type(default[0]), full + "[]."))
+            continue
         sub = f.type if dataclasses.is_dataclass(f.type) else type(default) if dataclasses.is_dataclass(default) else None
         if sub is not None:
             keys.extend(_valid_keys(sub, full + "."))
     return keys
 
 
+def _closest_key(key: str, valid: list[str]) -> Optional[str]:
+    """The valid key closest to `key`; a key inside a list item comes without its path, so it is matched
+    against the last part of each valid key."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(valid)}
+    close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.5)
+    return leaves[close[0]] if close else None
+
+
 def _explain(err: OmegaConfBaseException, schema: type) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or ""
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
     if isinstance(err, ConfigKeyError) and key:
-        close = difflib.get_close_matches(str(key), _valid_keys(schema), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = _closest_key(str(key), _valid_keys(schema))
+        hint = f"; did you mean '{close}'?" if close else ""
         return ConfigError(f"unknown config key '{key}'{hint}")
     return ConfigError(f"bad value for config key '{key}': {msg}" if key else f"bad config: {msg}")
 
