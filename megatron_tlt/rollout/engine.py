@@ -39,14 +39,14 @@ row) that decides which rows finish and gives `kv_len`; plus, on steps where row
 of their outputs. Speculative steps add none: tree sizes, feed widths and `kv_len` follow from
 host-known lengths. Sampling, stop checks and output writes stay on the device.
 
-GPU fast path: the per-step model calls (target decode and verify forwards with their logits, the
+GPU fast path: the per-step model calls (the target's layers in decode and verify forwards, the
 drafter's draft levels) go through `StaticCalls` (cuda_graphs.py): batch padded to a power of two
 into an extra KV slot no request owns, kv_len bucketed, one CUDA graph per shape captured lazily in
 a shared memory pool and replayed. Prefills and drafter feeds (variable widths) run eagerly.
 
-Randomness: each request has its own torch.Generator seeded from (seed, prompt index, sample
-index), so its random draws do not depend on which other requests share its batch (the logits can
-still differ in the last bits between batch shapes). The price is one small noise kernel per row per
+Randomness: each request has its own torch.Generator seeded from (seed, prompt index or its
+`seed_ids` entry, sample index), so its random draws do not depend on which other requests share its
+batch (the logits can still differ in the last bits between batch shapes). The price is one small noise kernel per row per
 step; greedy plain decoding takes the argmax and draws nothing (speculative steps draw, greedy or
 not). Every TP rank builds the same generators and sees the same gathered logits, so all ranks
 sample the same tokens; with "adaptive", the ranks share the slowest rank's step time, so their
@@ -311,19 +311,19 @@ class RolloutEngine:
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, kv_len: int,
         tree_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode / verify forward through `static_calls` (a CUDA graph on GPU): tokens, positions [B, S]
-        written after start [B] tokens of slots [B], optional tree_mask [B, S, S] -> (hidden [B, S, H],
-        fp32 logits [B, S, vocab_size])."""
-        def fn(x: dict, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode / verify forward: tokens, positions [B, S] written after start [B] tokens of slots [B],
+        optional tree_mask [B, S, S] -> (hidden [B, S, H], fp32 logits [B, S, vocab_size]). The layers go
+        through `static_calls` (a CUDA graph on GPU); the LM head runs outside: one large matmul gains
+        nothing from a graph, and a graph would keep its [B, S, vocab] output allocated per shape."""
+        def fn(x: dict, kv: int) -> torch.Tensor:
             cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x.get("tree_mask"))
-            hidden = self.model(x["tokens"], position_ids=x["positions"], cache=cache, with_logits=False)
-            return hidden, self._logits(hidden)
+            return self.model(x["tokens"], position_ids=x["positions"], cache=cache, with_logits=False)
 
         inputs = dict(tokens=tokens, positions=positions, slots=slots, start=start)
         if tree_mask is not None:
             inputs["tree_mask"] = tree_mask
-        name = "decode" if tree_mask is None else "verify"
-        return self.static_calls(name, fn, inputs, kv_len, self.max_seq_len)
+        hidden = self.static_calls("decode" if tree_mask is None else "verify", fn, inputs, kv_len, self.max_seq_len)
+        return hidden, self._logits(hidden)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Cache all tokens but the last of each prompt in its slot, in one padded call.
