@@ -228,6 +228,15 @@ class StepTally:
         return out
 
 
+def max_over_dp(value: float, ps: ParallelState) -> float:
+    """The largest of the DP ranks' values (a collective)."""
+    if ps.dp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ps.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.dp_group)
+    return t.item()
+
+
 # ---- evaluation and warm-up ----
 def evaluate(engine, dataset: PromptDataset, reward_fn, tokenizer, max_new_tokens: int, ps: ParallelState) -> float:
     """Greedy held-out accuracy (reward >= 1 counts as correct), split across DP ranks."""

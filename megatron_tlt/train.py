@@ -99,6 +99,8 @@ def train(cfg: Config) -> Path:
                 "step_time_s": step_s, "tokens_per_s": sum(lengths) / step_s, "num_samples": len(samples),
                 **tally.summary(drafter is not None),
             }
+            # the rollout's critical path: the slowest rank's (rollout_time_s is this rank's)
+            metrics["rollout_time_max_s"] = P.max_over_dp(metrics["rollout_time_s"], ps)
             done = step + 1
             if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
                 metrics["eval_accuracy"] = last_accuracy = held_out()

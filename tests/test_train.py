@@ -23,7 +23,7 @@ from megatron_tlt.train import train
 CFG = ModelConfig(vocab_size=96, make_vocab_size_divisible_by=32, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_attention_heads=4, num_kv_heads=2)
 REQUIRED_METRICS = {"step", "reward_mean", "response_len_mean", "response_len_p50", "response_len_p90", "response_len_max",
-                    "rollout_time_s", "reward_time_s", "train_time_s", "step_time_s", "tokens_per_s"}
+                    "rollout_time_s", "rollout_time_max_s", "reward_time_s", "train_time_s", "step_time_s", "tokens_per_s"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,14 @@ invocation then runs the same GRPO workload from it three times, each as a 2-DP-
 Rollouts sample at temperature 1, as in RL. Rewards: the task's verifier plus 0.5 x the format reward (a
 final answer is stated), so the policy has a signal, and moves, even while it rarely solves a task. The first --skip steps of every run are left out of the means
 (the first rollouts also pay one-off costs). Per mode it prints means over the remaining steps of rank
-0's metrics.jsonl rows, then the speedups of the means and the critical-path share of drafter training
-under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_time_s) over step time.
+0's metrics.jsonl rows (rollout time: the slowest rank's), then the speedups of the means and the
+critical-path share of drafter training under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_time_s) over step time.
+
+Speculative decoding is lossless in distribution, not in random draws: each mode samples other responses
+(and then trains on them), so a mode's steps may hold a longer or shorter tail by chance, and a step's
+rollout time follows its longest response. Besides the raw means, the bench therefore prints speeds
+that do not depend on the draw: rollout seconds per token of each step's longest response (the tail SD
+shortens) and step seconds per generated token.
 
     python tools/bench/tlt.py            # CPU: ~4 min to train the models once (cached), then ~1-2 min per mode
     python tools/bench/tlt.py --quick    # fewer, smaller RL steps
@@ -80,15 +86,24 @@ def summarize(rows: list[dict], skip: int) -> dict[str, float]:
     def total(key: str) -> float:
         return sum(r.get(key, 0.0) for r in rows)
 
+    def mean_of(f) -> float:
+        return sum(f(r) for r in rows) / len(rows)
+
     spec_steps = total("spec_row_steps")
     return {
-        "steps": len(rows), "step": mean("step_time_s"), "rollout": mean("rollout_time_s"), "train": mean("train_time_s"),
+        "steps": len(rows), "step": mean("step_time_s"), "rollout": mean("rollout_time_max_s"), "train": mean("train_time_s"),
         "accept": total("accepted_drafts") / spec_steps if spec_steps else float("nan"), "spec_row_steps": spec_steps,
         "drafter_steps": total("drafter_steps"), "drafter_s": total("drafter_train_time_s"),
         "recovered_s": total("idle_rank_s_recovered"), "idle_s": total("idle_rank_s"),
         "after_stop": mean("stop_latency_s") + mean("merge_time_s"),
         "p50": mean("response_len_p50"), "p90": mean("response_len_p90"), "max": max(r.get("response_len_max", 0) for r in rows),
         "reward": mean("reward_mean"),
+        "tokens": mean_of(lambda r: r["num_samples"] * r["response_len_mean"]),  # generated per step
+        "longest": mean("response_len_max"),
+        # speeds, comparable although each mode samples other responses: rollout seconds per token of the
+        # step's longest response (the tail that SD shortens), step seconds per generated token
+        "tail_s_per_token": mean_of(lambda r: r["rollout_time_max_s"] / r["response_len_max"]),
+        "step_s_per_token": mean_of(lambda r: r["step_time_s"] / (r["num_samples"] * r["response_len_mean"])),
     }
 
 
@@ -97,7 +112,7 @@ def main(argv=None) -> None:
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="fewer and smaller RL steps")
     p.add_argument("--out", default="runs/bench_tlt")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip", type=int, default=1, help="first RL steps left out of the means")
     p.add_argument("--prompts", type=int, default=8, help="prompts per RL step (split over the 2 ranks)")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
@@ -126,17 +141,22 @@ def main(argv=None) -> None:
     print(f"\nmeans over RL steps {a.skip}..{a.steps - 1} (2 DP ranks, {a.task}, hidden {a.hidden}, {a.layers} layers, "
           f"{a.prompts} prompts x {a.n} samples, max_new_tokens {a.max_new_tokens}, temperature 1)")
     print(f"{'mode':<20} {'step s':>8} {'rollout s':>10} {'train s':>8} {'accept':>7} {'drafter steps':>14} "
-          f"{'drafter s':>10} {'idle rank-s recovered':>22} {'reward':>7}")
+          f"{'drafter s':>10} {'idle rank-s recovered':>22} {'reward':>7} {'tokens':>7} {'longest':>8}")
     for mode in modes:
         s = res[mode]
         print(f"{MODES[mode][0]:<20} {s['step']:>8.3f} {s['rollout']:>10.3f} {s['train']:>8.3f} {s['accept']:>7.2f} "
               f"{s['drafter_steps']:>14.0f} {s['drafter_s']:>10.2f} {s['recovered_s']:>10.2f} of {s['idle_s']:>6.2f} idle "
-              f"{s['reward']:>7.3f}")
+              f"{s['reward']:>7.3f} {s['tokens']:>7.0f} {s['longest']:>8.0f}")
     if "nosd" in res:
         base = res["nosd"]
         others = [(name, res[m]) for m, name in (("frozen", "frozen"), ("tlt", "TLT")) if m in res]
         print("rollout speedup vs no-SD: " + ", ".join(f"{name} {base['rollout'] / s['rollout']:.2f}x" for name, s in others))
         print("step speedup vs no-SD: " + ", ".join(f"{name} {base['step'] / s['step']:.2f}x" for name, s in others))
+        print("per token (each mode samples other responses; these compare speeds, not the draws): "
+              "tail speedup (rollout s per token of the longest response) "
+              + ", ".join(f"{name} {base['tail_s_per_token'] / s['tail_s_per_token']:.2f}x" for name, s in others)
+              + "; step speedup (step s per generated token) "
+              + ", ".join(f"{name} {base['step_s_per_token'] / s['step_s_per_token']:.2f}x" for name, s in others))
     if "tlt" in res:
         s = res["tlt"]
         print(f"drafter training on the critical path: {100 * s['after_stop'] / s['step']:.1f}% of step time "
