@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_tlt.config import Config, load_config
+from megatron_tlt.parallel.state import free_port, set_local_rank_env
 from megatron_tlt.plot import plot_run
 
 # The embedded default: a few minutes on 2 CPU cores. A 4-layer model learns 3-term sums in a
@@ -41,15 +41,8 @@ DEMO_SETTINGS = (
 DEMO_RANKS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, cfg: Config, world_size: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    set_local_rank_env(rank, world_size, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     from megatron_tlt.cli import setup_logging
     from megatron_tlt.train import train
@@ -61,7 +54,7 @@ def _worker(rank: int, cfg: Config, world_size: int, port: int) -> None:
 
 def train_on_local_ranks(cfg: Config, ranks: int) -> None:
     """`train(cfg)` on `ranks` data-parallel processes of this machine (gloo), like a one-node torchrun."""
-    mp.start_processes(_worker, args=(cfg, ranks, _free_port()), nprocs=ranks, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(cfg, ranks, free_port()), nprocs=ranks, join=True, start_method="spawn")
 
 
 def run_demo(config_path: Optional[str] = None, overrides: Sequence[str] = (), ranks: int = DEMO_RANKS) -> Path:

@@ -10,26 +10,17 @@ raises, the parent raises too, with the worker's traceback in the message.
 """
 from __future__ import annotations
 
-import os
-import socket
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_tlt.parallel.state import free_port, set_local_rank_env
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, timeout_s: float) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
+    set_local_rank_env(rank, world_size, port)
     dist.init_process_group(
         "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,6 +49,20 @@ class ParallelState:
 
 
 _STATE: Optional[ParallelState] = None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_local_rank_env(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives rank `rank` of a one-node job (rendezvous at 127.0.0.1:port), for
+    processes started by hand (the demo, tests)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
 
 
 def _env_int(name: str, default: int) -> int:
