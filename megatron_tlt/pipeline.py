@@ -26,7 +26,7 @@ from megatron_tlt.data.packing import pack_sequences, plan_micro_batches
 from megatron_tlt.data.synthetic import get_task
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES, build_test_tokenizer, load_tokenizer
 from megatron_tlt.models.transformer import Policy
-from megatron_tlt.ops.logprob import vocab_parallel_logprobs
+from megatron_tlt.models.packed import packed_forward
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import advantage_fn, filter_groups, overlong_mask, overlong_penalty
@@ -299,10 +299,7 @@ def sft_warmup(model: Policy, tokenizer, cfg: Config, ps: ParallelState) -> list
         total = 0.0
         for b in plan_micro_batches([len(seqs[i]) for i in idx], cfg.optim.micro_batch_tokens):
             pb = pack_sequences([seqs[idx[k]] for k in b], train_masks=[masks[idx[k]] for k in b])
-            hidden = model(pb.tokens[None].to(ps.device), position_ids=pb.position_ids[None].to(ps.device),
-                           cu_seqlens=pb.cu_seqlens.to(ps.device), with_logits=False)[0]
-            lp, _ = vocab_parallel_logprobs(hidden, model.output_weight(), pb.targets.to(ps.device), tp_group=model.tp_group,
-                                            vocab_size=model.cfg.vocab_size, compute_entropy=False)
+            lp = packed_forward(model, pb).logprobs
             loss = -(lp * pb.loss_mask.to(ps.device)).sum() / num_tokens
             loss.backward()
             total += loss.item()

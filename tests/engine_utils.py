@@ -14,14 +14,15 @@ def make_engine(model, num_slots: int, max_seq_len: int, **kw) -> RolloutEngine:
 
 
 def record_forward_shapes(model, monkeypatch) -> list[tuple[int, int]]:
-    """Wrap model.forward; returns the list it appends each call's tokens shape [B, S] to."""
-    shapes, forward = [], model.forward
+    """Wrap model.hidden_states (every model call of the engine); returns the list it appends each call's
+    tokens shape [B, S] to."""
+    shapes, hidden_states = [], model.hidden_states
 
     def wrapped(tokens=None, **kw):
         shapes.append(tuple(tokens.shape))
-        return forward(tokens, **kw)
+        return hidden_states(tokens, **kw)
 
-    monkeypatch.setattr(model, "forward", wrapped)
+    monkeypatch.setattr(model, "hidden_states", wrapped)
     return shapes
 
 

@@ -17,8 +17,8 @@ from megatron_tlt.checkpoint.dcp import (
 )
 from megatron_tlt.config import ModelConfig, ParallelConfig
 from megatron_tlt.errors import CheckpointError
-from megatron_tlt.models.sharding import gather_full_state_dict
-from megatron_tlt.parallel.state import destroy_parallel, init_parallel
+from megatron_tlt.parallel.sharding import gather_full_state_dict
+from megatron_tlt.parallel.state import destroy_parallel, get_parallel_state, init_parallel
 from dist_utils import run_distributed
 
 CFG = dict(
@@ -31,7 +31,7 @@ def _model(seed: int, tp_group=None, **overrides):
 
     cfg = ModelConfig(**{**CFG, **overrides})
     torch.manual_seed(seed)
-    return Policy(cfg, tp_group=tp_group), cfg
+    return Policy(cfg, tp_group=tp_group or get_parallel_state().tp_group), cfg
 
 
 def _params(model) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from dist_utils import run_distributed
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
 from megatron_tlt.drafter import Drafter
 from megatron_tlt.models.kv_cache import CacheBatch
-from megatron_tlt.models.sharding import gather_full_state_dict, load_full_state_dict, named_shard_specs
+from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict, named_shard_specs
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
 

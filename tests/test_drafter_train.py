@@ -36,7 +36,7 @@ from megatron_tlt.drafter.train import (
     train_drafter_offline,
 )
 from megatron_tlt.errors import CheckpointError
-from megatron_tlt.models.sharding import gather_full_state_dict, load_full_state_dict
+from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
 from megatron_tlt.rollout import RolloutEngine, SamplingParams

@@ -68,9 +68,10 @@ def _alone(model, seq, mask):
 
 def _packed(model, pb, tp_group):
     """The training path: packed forward to hidden states, chunked vocab-parallel logprobs, masked loss."""
-    logits, hidden = model(
-        pb.tokens[None], position_ids=pb.position_ids[None], cu_seqlens=pb.cu_seqlens, max_seqlen=pb.max_seqlen, return_hidden=True
-    )  # [1, T, V], [1, T, H]
+    hidden = model.hidden_states(
+        pb.tokens[None], position_ids=pb.position_ids[None], cu_seqlens=pb.cu_seqlens, max_seqlen=pb.max_seqlen
+    )  # [1, T, H]
+    logits = model.compute_logits(hidden)  # [1, T, V]
     logprobs, _ = vocab_parallel_logprobs(hidden[0], model.output_weight(), pb.targets, tp_group=tp_group, vocab_size=VOCAB, chunk_size=16)
     return logits[0], logprobs, -(logprobs * pb.loss_mask).sum()
 

@@ -17,7 +17,7 @@ from engine_utils import record_forward_shapes, tokens_of
 from megatron_tlt.cli import main as cli_main
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
 from megatron_tlt.models.hf import hf_config_from_model_config, tlt_to_hf_state_dict, write_hf_dir
-from megatron_tlt.models.sharding import gather_full_state_dict, load_full_state_dict
+from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.state import destroy_parallel, init_parallel
 from megatron_tlt.rollout import RolloutEngine, SamplingParams, StepOutput, sample, target_logprobs
@@ -51,7 +51,8 @@ def dense_greedy(model, prompt: list[int], max_new: int) -> tuple[list[int], tor
     """Naive reference: a full dense forward per token + argmax -> (tokens, final hidden [L, H] that produced each)."""
     seq, hidden = list(prompt), []
     for _ in range(max_new):
-        logits, h = model(torch.tensor([seq]), return_hidden=True)
+        h = model.hidden_states(torch.tensor([seq]))
+        logits = model.compute_logits(h)
         seq.append(int(logits[0, -1].argmax()))
         hidden.append(h[0, -1])
     return seq[len(prompt):], torch.stack(hidden)

@@ -27,7 +27,7 @@ from megatron_tlt.config.schema import ModelConfig, ParallelConfig
 from megatron_tlt.drafter import Drafter
 from megatron_tlt.models.hf import hf_config_from_model_config, tlt_to_hf_state_dict, write_hf_dir
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
-from megatron_tlt.models.sharding import gather_full_state_dict, load_full_state_dict
+from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.state import destroy_parallel, init_parallel
 from megatron_tlt.rollout import RolloutEngine, SamplingParams, speculative, target_logprobs
@@ -71,7 +71,7 @@ def train_on_own_greedy_outputs(model, prompts: list[list[int]], steps: int = 15
     for prompt, (c,) in zip(prompts, results):
         x = torch.tensor(prompt + c.token_ids)  # [L]
         with torch.no_grad():
-            f = model(x[None], return_hidden=True)[1][0]  # [L, H]
+            f = model.hidden_states(x[None])[0]  # [L, H]
         L = len(x)
         # drafter position t < L-1 consumes (x_{t+1}, f_t); all but the last are trained on x_{t+2} and f_{t+1}
         inputs.append(x[1:]), hidden.append(f[:-1]), positions.append(torch.arange(L - 1))
@@ -161,14 +161,14 @@ def test_static_shapes_equal_exact_shapes(model, drafters, spec, monkeypatch):
     exact = make_engine(model, num_slots=3, return_hidden=True, **kw).generate(PROMPTS, params)  # 3 live rows: padded to 4
     engine = make_engine(model, num_slots=3, return_hidden=True, cuda_graphs="eager", **kw)
     assert (engine.num_slots, engine.cache.num_slots) == (3, 4)
-    calls, forward = [], model.forward  # (batch, kv_len, slots) of each decode / verify call (prefills pass no positions)
+    calls, hidden_states = [], model.hidden_states  # (batch, kv_len, slots) of each decode / verify call (prefills pass no positions)
 
     def recording(tokens, position_ids=None, cache=None, **kw):
         if position_ids is not None:
             calls.append((tokens.shape[0], cache.kv_len, cache.slots.tolist()))
-        return forward(tokens, position_ids=position_ids, cache=cache, **kw)
+        return hidden_states(tokens, position_ids=position_ids, cache=cache, **kw)
 
-    monkeypatch.setattr(model, "forward", recording)
+    monkeypatch.setattr(model, "hidden_states", recording)
     static = engine.generate(PROMPTS, params)
     for (e,), (s,) in zip(exact, static):
         assert (s.token_ids, s.finish_reason) == (e.token_ids, e.finish_reason)
@@ -211,7 +211,7 @@ def test_tree_levels_equal_dense_drafter_branches(model, drafters, monkeypatch):
     (tree,) = trees  # one step; its roots are the prompts' last tokens
     for b, prompt in enumerate(prompts):
         x = torch.tensor(prompt)
-        f = model(x[None, :-1], return_hidden=True)[1][0]  # [L, H]
+        f = model.hidden_states(x[None, :-1])[0]  # [L, H]
         memo = {}
 
         def output(path: tuple) -> torch.Tensor:  # drafter output after the root and then `path`
@@ -349,7 +349,7 @@ def test_switching_on_mid_generation_needs_no_reprefill(model, drafters, monkeyp
     assert len({length - len(r.prompt) for r, length, _ in roots}) == 2  # admitted at different steps
     for req, length, g_root in roots:
         x = torch.tensor([(req.prompt + results[req.prompt_index][0].token_ids)[: length + 1]])  # [1, L+1]
-        _, f = model(x[:, :length], return_hidden=True)  # [1, L, H]
+        f = model.hidden_states(x[:, :length])  # [1, L, H]
         dense = drafter(x[:, 1:], f, torch.arange(length)[None])  # [1, L, H]
         torch.testing.assert_close(g_root, dense[0, -1], **TOL)
 

@@ -12,7 +12,7 @@ from dist_utils import run_distributed
 
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
 from megatron_tlt.data.packing import pack_sequences
-from megatron_tlt.models.sharding import gather_full_state_dict, load_full_state_dict, named_shard_specs
+from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict, named_shard_specs
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.ops.logprob import vocab_parallel_logprobs
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
@@ -40,9 +40,10 @@ def _step(model: Policy, tp_group) -> dict[str, torch.Tensor]:
     """Packed forward, backward of a logprob + entropy + z-loss (through the gathered logits):
     logits [T, V], hidden [T, H], logprobs / entropy [T]."""
     pb = _batch()
-    logits, hidden = model(
-        pb.tokens[None], position_ids=pb.position_ids[None], cu_seqlens=pb.cu_seqlens, max_seqlen=pb.max_seqlen, return_hidden=True
-    )  # [1, T, V], [1, T, H]
+    hidden = model.hidden_states(
+        pb.tokens[None], position_ids=pb.position_ids[None], cu_seqlens=pb.cu_seqlens, max_seqlen=pb.max_seqlen
+    )  # [1, T, H]
+    logits = model.compute_logits(hidden)  # [1, T, V]
     logprobs, entropy = vocab_parallel_logprobs(hidden[0], model.output_weight(), pb.targets, tp_group=tp_group, vocab_size=VOCAB, chunk_size=16)
     z_loss = logits[0].logsumexp(dim=-1).square().mean()
     (-(logprobs * pb.loss_mask).sum() - 0.1 * (entropy * pb.loss_mask).sum() + 0.01 * z_loss).backward()

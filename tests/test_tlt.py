@@ -60,15 +60,14 @@ def accept_len(model: Policy, drafter: Drafter, prompts: list[list[int]]) -> tup
 def single_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread beats several fighting over shared cores
-    init_parallel()
-    yield
+    yield init_parallel()
     destroy_parallel()
     torch.set_num_threads(threads)
 
 
 def test_online_drafter_beats_the_frozen_one_after_the_policy_moves(single_thread):
     set_seed(0)
-    policy = Policy(CFG).eval()
+    policy = Policy(CFG, single_thread.tp_group).eval()
     old, new = (1, 2, 3), (5, 7, 9)  # the policy learns one family of strides, then RL moves it to another
     sft(policy, old, steps=60, seed=0)
 

@@ -12,7 +12,7 @@ from megatron_tlt.config import ModelConfig, load_config
 from megatron_tlt.config.schema import AlgoConfig, OptimConfig
 from megatron_tlt.data.datasets import PromptDataset, PromptSampler
 from megatron_tlt.data.tokenizer import build_test_tokenizer, load_tokenizer
-from megatron_tlt.models.sharding import gather_full_state_dict, load_full_state_dict
+from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel
 from megatron_tlt.pipeline import assign_advantages

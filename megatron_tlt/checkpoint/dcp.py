@@ -51,7 +51,7 @@ from torch.distributed.tensor import DTensor, Shard
 from megatron_tlt.config import ModelConfig, to_yaml
 from megatron_tlt.config.loader import ConfigError, load_config
 from megatron_tlt.errors import CheckpointError
-from megatron_tlt.models.sharding import full_shape, named_shard_specs
+from megatron_tlt.parallel.sharding import full_shape, named_shard_specs
 
 FORMAT = "megatron_tlt/1"
 COMPLETE = "COMPLETE"

@@ -49,12 +49,12 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_tlt.checkpoint.dcp import _on_rank0, _publish, _write_durable
+from megatron_tlt.config.dtypes import dtype_name
 from megatron_tlt.config.schema import ModelConfig, RopeScalingConfig
 from megatron_tlt.drafter.model import Drafter
 from megatron_tlt.errors import CheckpointError
 from megatron_tlt.models.hf import _load_safetensors, hf_config_from_model_config, write_hf_dir
-from megatron_tlt.models.sharding import full_shape, gather_full_state_dict, load_full_state_dict
-from megatron_tlt.models.transformer import DTYPE
+from megatron_tlt.parallel.sharding import full_shape, gather_full_state_dict, load_full_state_dict
 
 FORMAT = "megatron_tlt-drafter/1"
 WEIGHTS_FILE = "drafter.safetensors"
@@ -64,7 +64,6 @@ COMPLETE = "COMPLETE"
 EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"
 # Config fields that change the drafter's maths without changing any of its tensor shapes.
 _MATH_FIELDS = ("vocab_size", "rope_theta", "rope_scaling", "rms_norm_eps")
-_DTYPE_NAME = {t: name for name, t in DTYPE.items()}
 
 PathLike = Union[str, Path]
 
@@ -80,7 +79,7 @@ def _write_drafter_dir(path: Path, full: dict[str, torch.Tensor], cfg: ModelConf
         save_file({name: t.contiguous() for name, t in full.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         with open(tmp / WEIGHTS_FILE, "rb+") as f:
             os.fsync(f.fileno())
-        dtype = _DTYPE_NAME[next(iter(full.values())).dtype]
+        dtype = dtype_name(next(iter(full.values())).dtype)
         config = {"format": FORMAT, "policy_config": dataclasses.asdict(cfg), "num_layers": 1, "dtype": dtype}
         _write_durable(tmp / CONFIG_FILE, json.dumps(config, indent=1))
         if meta is not None:
@@ -204,7 +203,7 @@ def export_drafter(drafter_dir: PathLike, out_dir: PathLike) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CheckpointError(f"output {out_dir} exists and is not empty; choose a new directory or remove it")
     cfg, full = read_drafter_weights(drafter_dir)
-    dtype = _DTYPE_NAME[next(iter(full.values())).dtype]
+    dtype = dtype_name(next(iter(full.values())).dtype)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
     try:
         write_hf_dir(tmp, eagle_config(cfg, dtype), drafter_to_eagle_state_dict(full))

@@ -14,7 +14,7 @@ the LM head's input, so the output can be fed back in place of a target hidden s
 onto the next one.
 
 Alignment (EAGLE; the engine and the drafter trainer both rely on it). Let x_0..x_L be a row's
-tokens and f_t the policy's final normed hidden state at position t (`Policy(..., return_hidden=True)`),
+tokens and f_t the policy's final normed hidden state at position t (`Policy.hidden_states`),
 the LM-head input that predicts x_{t+1}. Drafter position t consumes (x_{t+1}, f_t) at position id t
 and returns g_t, an estimate of f_{t+1}; `compute_logits(g_t)` predicts x_{t+2}:
 
@@ -36,12 +36,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from megatron.core import tensor_parallel
 
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
-from megatron_tlt.models.transformer import DecoderLayer, Policy, RMSNorm, _Builder
+from megatron_tlt.models.transformer import DecoderLayer, Policy, RMSNorm
 from megatron_tlt.ops.attention import cache_attention_mask
 from megatron_tlt.ops.rope import rope_cos_sin
+from megatron_tlt.parallel.tensor_parallel import TPLayers, scatter_to_tp_region
 
 
 class Drafter(nn.Module):
@@ -50,11 +50,11 @@ class Drafter(nn.Module):
         if policy.embed_tokens is None or not policy.post_process:
             raise ValueError("the drafter shares the embedding and the LM head: it needs a policy stage holding both")
         cfg = policy.cfg
-        b = _Builder(cfg, policy.tp_group, init_weights)
+        b = TPLayers(cfg, policy.tp_group, init_weights)
         object.__setattr__(self, "policy", policy)  # a plain reference: not a submodule, not in state_dict()
         self.cfg, self.tp_group, self.tp_size = cfg, b.tp_group, b.tp_size
         # Row-parallel: each TP rank multiplies its slice of the (replicated) 2H input; the output is all-reduced.
-        self.fc = b.make_linear(2 * cfg.hidden_size, cfg.hidden_size, parallel="row")
+        self.fc = b.linear(2 * cfg.hidden_size, cfg.hidden_size, parallel="row")
         self.layer = DecoderLayer(b, cache_index=0)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, b.dtype)
 
@@ -66,7 +66,7 @@ class Drafter(nn.Module):
         """embeds, target_hidden: [B, S, H] -> [B, S, H] = fc([embeds; target_hidden])."""
         x = torch.cat([embeds, target_hidden.to(embeds.dtype)], dim=-1)  # [B, S, 2H]
         if self.tp_size > 1:
-            x = tensor_parallel.scatter_to_tensor_model_parallel_region(x, group=self.tp_group)  # [B, S, 2H/tp]
+            x = scatter_to_tp_region(x, group=self.tp_group)  # [B, S, 2H/tp]
         return self.fc(x)[0]
 
     def forward(
@@ -80,19 +80,16 @@ class Drafter(nn.Module):
     ) -> torch.Tensor:  # [B, S, H] g_t, in the space of the policy's final normed hidden states
         x = self.project_hidden_states(self.embed_input_ids(tokens), target_hidden)  # [B, S, H]
         B, S = tokens.shape
-        if cu_seqlens is not None:
-            if B != 1:
-                raise ValueError("packed input must have batch size 1: tokens [1, T]")
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if cu_seqlens is not None and B != 1:
+            raise ValueError("packed input must have batch size 1: tokens [1, T]")
         cos, sin = rope_cos_sin(position_ids, self.policy.inv_freq, x.dtype)  # [B, S, D]
         cache_mask = cache_attention_mask(cache.start, S, cache.kv_len, cache.new_mask) if cache is not None else None
         x = self.layer(x, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_mask=cache_mask)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, S, H] -> [B, S, vocab_size] with the policy's LM head (see `Policy.compute_logits`)."""
-        return self.policy.compute_logits(hidden, gather=gather)
+        return self.policy.compute_logits(hidden)
 
     def new_cache(self, num_slots: int, max_seq_len: int, dtype: torch.dtype, device) -> KVCache:
         """The drafter's own KV cache: one layer, this rank's KV heads."""

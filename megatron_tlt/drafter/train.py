@@ -10,7 +10,7 @@ no extra model are needed, and a step is short enough to run in the gaps of a lo
 
 Data. A `DrafterExample` is one policy sequence (prompt + response): tokens x_0..x_{L-1} [L] and
 hidden f_0..f_{L-1} [L, H], where f_t is the policy's final normed hidden state at position t, the LM-head
-input that predicts x_{t+1} (`Policy(..., return_hidden=True)`; the trainer's logprob pass has the same).
+input that predicts x_{t+1} (`Policy.hidden_states`; the trainer's packed forward returns the same).
 Examples are packed as the policy is (`megatron_tlt.data.packing`): `make_batches` bin-packs them into
 `DrafterBatch`es of at most `max_tokens` tokens with `cu_seqlens` and position ids restarting per example.
 
@@ -76,6 +76,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_tlt.data.packing import pack_sequences, plan_micro_batches, unpack
 from megatron_tlt.drafter.model import Drafter
+from megatron_tlt.models.packed import chunk_forward
 from megatron_tlt.data.jsonl import read_jsonl_objects
 from megatron_tlt.errors import UserError
 from megatron_tlt.parallel.grads import clip_grads_, global_grad_norm
@@ -233,14 +234,10 @@ def policy_examples(policy: nn.Module, sequences: Sequence[Sequence[int]], max_t
     The hidden states are kept in host memory (sum of lengths x H x dtype bytes) and moved to the device
     one micro-batch per trainer step. Sequences longer than `max_tokens` get a forward of their own.
     """
-    device = next(policy.parameters()).device
     examples: list[Optional[DrafterExample]] = [None] * len(sequences)
     for idx in plan_micro_batches([len(s) for s in sequences], max_tokens):
         packed = pack_sequences([list(sequences[i]) for i in idx])
-        hidden = policy(
-            packed.tokens[None].to(device), position_ids=packed.position_ids[None].to(device),
-            cu_seqlens=packed.cu_seqlens.to(device), max_seqlen=packed.max_seqlen, with_logits=False,
-        )[0].cpu()  # [T, H]
+        hidden = chunk_forward(policy, packed).cpu()  # [T, H]
         for i, tokens, h in zip(idx, unpack(packed.tokens, packed.cu_seqlens), unpack(hidden, packed.cu_seqlens)):
             examples[i] = DrafterExample(tokens, h)
     return examples

@@ -22,14 +22,13 @@ from typing import Union
 import torch
 
 from megatron_tlt.checkpoint.dcp import is_tlt_checkpoint, load_checkpoint, read_model_config
+from megatron_tlt.config.dtypes import TORCH_DTYPES, dtype_name
 from megatron_tlt.config.schema import ModelConfig
 from megatron_tlt.errors import CheckpointError
 from megatron_tlt.models.hf import CONFIG_NAME, hf_to_tlt_state_dict, model_config_from_hf, read_hf_dir
-from megatron_tlt.models.sharding import load_full_state_dict
-from megatron_tlt.models.transformer import DTYPE, Policy
+from megatron_tlt.parallel.sharding import load_full_state_dict
+from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.state import ParallelState, get_parallel_state, init_parallel
-
-_DTYPE_NAME = {t: name for name, t in DTYPE.items()}
 
 
 def current_or_single_process_state() -> ParallelState:
@@ -43,9 +42,9 @@ def current_or_single_process_state() -> ParallelState:
 def _with_dtype(cfg: ModelConfig, dtype: Union[None, str, torch.dtype]) -> ModelConfig:
     if dtype is None:
         return cfg
-    name = _DTYPE_NAME.get(dtype, dtype)
-    if name not in DTYPE:
-        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPE)} (or the torch dtype)")
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(TORCH_DTYPES)} (or the torch dtype)")
     return dataclasses.replace(cfg, params_dtype=name)
 
 

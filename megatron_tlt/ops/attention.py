@@ -91,12 +91,14 @@ def packed_attention(
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,  # [T, Hkv, D]
     cu_seqlens: torch.Tensor,  # [N+1] int
-    max_seqlen: int,
+    max_seqlen: Optional[int],  # the longest example; None: read off cu_seqlens (a host sync)
     scale: float,
     backend: Optional[str] = None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention within each packed example."""
     backend = backend or select_backend(q.device.type)
+    if max_seqlen is None and backend != "sdpa_segments":
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 

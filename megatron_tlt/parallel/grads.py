@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tlt.models.sharding import partition_dim
+from megatron_tlt.parallel.sharding import partition_dim
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group) -> torch.Tensor:

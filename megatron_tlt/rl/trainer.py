@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from megatron_tlt.config.schema import AlgoConfig, OptimConfig
 from megatron_tlt.data.packing import balance_across_ranks, pack_sequences, plan_micro_batches, unpack
-from megatron_tlt.ops.logprob import vocab_parallel_logprobs
+from megatron_tlt.models.packed import PackedOutput, packed_forward
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
@@ -100,18 +100,10 @@ class PolicyTrainer:
         share = balance_across_ranks(bin_tokens, dp)[self.ps.dp_rank]
         return [bins[k] for k in sorted(share) if bins[k]]
 
-    def _logprobs(self, model, pb, with_grad: bool):
-        """Packed forward -> (logprobs [T], entropy [T] or None, final hidden [T, H])."""
+    def _logprobs(self, model, pb, with_grad: bool) -> PackedOutput:
+        """The packed forward: logprobs [T], entropy [T] (with_grad) and final hidden [T, H]."""
         with torch.set_grad_enabled(with_grad), self._autocast():
-            hidden = model(
-                pb.tokens[None].to(self.ps.device), position_ids=pb.position_ids[None].to(self.ps.device),
-                cu_seqlens=pb.cu_seqlens.to(self.ps.device), max_seqlen=pb.max_seqlen, with_logits=False,
-            )[0]
-            lp, ent = vocab_parallel_logprobs(
-                hidden, model.output_weight(), pb.targets.to(self.ps.device), tp_group=model.tp_group,
-                vocab_size=model.cfg.vocab_size, temperature=self.temperature, compute_entropy=with_grad,
-            )
-        return lp, ent, hidden
+            return packed_forward(model, pb, temperature=self.temperature, compute_entropy=with_grad)
 
     def step(self, samples: list[Sample], max_response_len: int, collect_hidden: bool = False):
         """One optimizer step on the global batch `samples` (identical on every DP rank).
@@ -137,12 +129,13 @@ class PolicyTrainer:
         hidden_out: dict[int, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
         for pb in packs:
-            lp, ent, hidden = self._logprobs(model, pb, with_grad=True)
+            out = self._logprobs(model, pb, with_grad=True)
+            lp, ent, hidden = out.logprobs, out.entropy, out.hidden
             sample_ids = sample_ids_from_cu_seqlens(pb.cu_seqlens).to(dev)
             adv = torch.tensor([samples[i].advantage for i in pb.example_ids], dtype=torch.float32, device=dev)[sample_ids]
             ref = None
             if self.algo.kl_coef > 0:
-                ref, _, _ = self._logprobs(self.ref_model, pb, with_grad=False)
+                ref = self._logprobs(self.ref_model, pb, with_grad=False).logprobs
             loss_mask = pb.loss_mask.to(dev)
             loss, m = policy_loss(
                 lp, lp.detach(), adv, loss_mask, sample_ids, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,

@@ -317,7 +317,7 @@ class RolloutEngine:
         nothing from a graph, and a graph would keep its [B, S, vocab] output allocated per shape."""
         def fn(x: dict, kv: int) -> torch.Tensor:
             cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x.get("tree_mask"))
-            return self.model(x["tokens"], position_ids=x["positions"], cache=cache, with_logits=False)
+            return self.model.hidden_states(x["tokens"], position_ids=x["positions"], cache=cache)
 
         inputs = dict(tokens=tokens, positions=positions, slots=slots, start=start)
         if tree_mask is not None:
@@ -341,7 +341,7 @@ class RolloutEngine:
         slot_ids = torch.tensor([slots[i] for i in rows], device=self.device)
         start = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         cache = CacheBatch(self.cache, slot_ids, start, kv_len=tokens.shape[1])
-        hidden = self.model(tokens, cache=cache, with_logits=False)  # [R, W, H]
+        hidden = self.model.hidden_states(tokens, cache=cache)  # [R, W, H]
         if self.drafter_state is not None:
             self.drafter_state.prefill(tokens, hidden, slot_ids)
         ends = torch.tensor([len(prompts[i]) - 2 for i in rows], device=self.device)  # [R]

@@ -2,7 +2,7 @@
 
 Runs the policy's training forward + backward over the same examples two ways:
 - packed: examples bin-packed by tokens (`plan_micro_batches`, budget --max-tokens), one flat token
-  stream per micro-batch with `cu_seqlens`, loss from `vocab_parallel_logprobs` on the loss mask;
+  stream per micro-batch with `cu_seqlens`, loss from the library's packed forward (`models.packed`) on the loss mask;
 - padded: micro-batches of --batch-size examples in dataset order, each padded to its longest
   example, dense causal attention, the same loss with padding masked out.
 Lengths are log-normal (median --median-len, spread --sigma), clipped to [--min-len, --max-len].
@@ -24,8 +24,8 @@ import torch
 
 from megatron_tlt.config.schema import DTYPES, ModelConfig
 from megatron_tlt.data.packing import pack_sequences, plan_micro_batches
+from megatron_tlt.models.packed import packed_forward, token_logprobs
 from megatron_tlt.models.transformer import Policy
-from megatron_tlt.ops.logprob import vocab_parallel_logprobs
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
 
 
@@ -38,12 +38,8 @@ def long_tailed_lengths(n: int, median: int, sigma: float, min_len: int, max_len
 def packed_batches(seqs: list[torch.Tensor], max_tokens: int, device) -> list[dict]:
     out = []
     for idx in plan_micro_batches([len(s) for s in seqs], max_tokens):
-        pb = pack_sequences([seqs[i] for i in idx])
-        out.append(dict(
-            tokens=pb.tokens[None].to(device), position_ids=pb.position_ids[None].to(device),  # [1, T]
-            cu_seqlens=pb.cu_seqlens.to(device), max_seqlen=pb.max_seqlen,  # [N+1]
-            targets=pb.targets.to(device), loss_mask=pb.loss_mask.to(device), num_slots=pb.tokens.numel(),  # [T]
-        ))
+        pb = pack_sequences([seqs[i].to(device) for i in idx])  # tokens, position ids, targets, loss mask [T]
+        out.append(dict(batch=pb, tokens=pb.tokens, loss_mask=pb.loss_mask, num_slots=pb.tokens.numel()))
     return out
 
 
@@ -66,21 +62,14 @@ def padded_batches(seqs: list[torch.Tensor], batch_size: int, device) -> list[di
     return out
 
 
-def packed_loss(model: Policy, mb: dict, tp_group) -> torch.Tensor:
-    hidden = model(
-        mb["tokens"], position_ids=mb["position_ids"], cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"], with_logits=False
-    )  # [1, T, H]
-    logprobs, _ = vocab_parallel_logprobs(
-        hidden[0], model.output_weight(), mb["targets"], tp_group=tp_group, vocab_size=model.cfg.vocab_size, compute_entropy=False
-    )  # [T]
+def packed_loss(model: Policy, mb: dict) -> torch.Tensor:
+    logprobs = packed_forward(model, mb["batch"]).logprobs  # [T]
     return -(logprobs * mb["loss_mask"]).sum()
 
 
-def padded_loss(model: Policy, mb: dict, tp_group) -> torch.Tensor:
-    hidden = model(mb["tokens"], with_logits=False)  # [B, S, H], dense causal attention
-    logprobs, _ = vocab_parallel_logprobs(
-        hidden.flatten(0, 1), model.output_weight(), mb["targets"], tp_group=tp_group, vocab_size=model.cfg.vocab_size, compute_entropy=False
-    )  # [B * S]
+def padded_loss(model: Policy, mb: dict) -> torch.Tensor:
+    hidden = model.hidden_states(mb["tokens"])  # [B, S, H], dense causal attention
+    logprobs, _ = token_logprobs(model, hidden.flatten(0, 1), mb["targets"])  # [B * S]
     return -(logprobs * mb["loss_mask"]).sum()
 
 
@@ -89,7 +78,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_epoch(model: Policy, batches: list[dict], loss_fn, tp_group, num_targets: int) -> tuple[list[float], float]:
+def run_epoch(model: Policy, batches: list[dict], loss_fn, num_targets: int) -> tuple[list[float], float]:
     """Forward + backward over every micro-batch (gradients accumulate): (seconds per micro-batch, total loss)."""
     model.zero_grad(set_to_none=True)
     device = batches[0]["tokens"].device
@@ -98,7 +87,7 @@ def run_epoch(model: Policy, batches: list[dict], loss_fn, tp_group, num_targets
     for mb in batches:
         _sync(device)
         start = time.perf_counter()
-        loss = loss_fn(model, mb, tp_group) / num_targets
+        loss = loss_fn(model, mb) / num_targets
         loss.backward()
         _sync(device)
         seconds.append(time.perf_counter() - start)
@@ -153,7 +142,7 @@ def main() -> None:
     losses = {}
     for _ in range(args.iters):
         for mode, (batches, loss_fn) in modes.items():
-            seconds, losses[mode] = run_epoch(model, batches, loss_fn, ps.tp_group, num_targets)
+            seconds, losses[mode] = run_epoch(model, batches, loss_fn, num_targets)
             fastest[mode] = [min(a, b) for a, b in zip(fastest[mode], seconds)]
     if abs(losses["packed"] - losses["padded"]) > 1e-3 * abs(losses["padded"]):
         raise RuntimeError(f"the modes computed different losses: {losses}; the comparison is not like for like")
