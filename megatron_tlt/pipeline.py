@@ -10,7 +10,7 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -30,10 +30,8 @@ from megatron_tlt.models.packed import packed_forward
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import advantage_fn, filter_groups, overlong_mask, overlong_penalty
-from megatron_tlt.rl.trainer import Sample
-from megatron_tlt.rollout.engine import DEFAULT_SHAPES, RolloutEngine
-from megatron_tlt.rollout.sampling import SamplingParams
-from megatron_tlt.rollout.selector import DraftSelector
+from megatron_tlt.rl.sample import Sample
+from megatron_tlt.rollout import DEFAULT_SHAPES, DraftSelector, RolloutEngine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +141,11 @@ def rollout(engine, prompts: dict[int, PromptExample], params: SamplingParams) -
 
 
 def score(samples: list[Sample], prompts: dict[int, PromptExample], pool, tokenizer):
-    """Fill sample.reward from the reward pool (`prompts` by group id); returns the batch's RewardStats."""
+    """The samples with their rewards from the reward pool (`prompts` by group id), and the batch's RewardStats."""
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     rows = [_reward_row(prompts[s.group], tokenizer) for s in samples]
     rewards, stats = pool.compute(texts, rows)
-    for s, r in zip(samples, rewards):
-        s.reward = float(r)
-    return stats
+    return [replace(s, reward=float(r)) for s, r in zip(samples, rewards)], stats
 
 
 def _reward_row(p: PromptExample, tokenizer) -> dict:
@@ -166,25 +162,22 @@ def gather_samples(samples: list[Sample], ps: ParallelState) -> list[Sample]:
     return [s for part in parts for s in part]
 
 
-def assign_advantages(samples: list[Sample], algo: AlgoConfig, max_new_tokens: int) -> dict[str, float]:
-    """Overlong handling, then per-sample advantages (group-relative). Returns metrics."""
+def assign_advantages(samples: list[Sample], algo: AlgoConfig, max_new_tokens: int) -> tuple[list[Sample], dict[str, float]]:
+    """Overlong handling, then per-sample advantages (group-relative). Returns (the new samples, metrics)."""
     metrics = {}
     if algo.overlong == "mask":
         keep = overlong_mask([s.finish_reason for s in samples])
-        for s, k in zip(samples, keep.tolist()):
-            s.trained = bool(k)
+        samples = [replace(s, trained=bool(k)) for s, k in zip(samples, keep.tolist())]
         metrics["overlong_masked"] = float(len(samples) - int(keep.sum()))
     elif algo.overlong == "penalty":
         pen = overlong_penalty([len(s.response_ids) for s in samples], max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
-        for s, p in zip(samples, pen.tolist()):
-            s.reward += p
+        samples = [replace(s, reward=s.reward + p) for s, p in zip(samples, pen.tolist())]
     elif algo.overlong != "none":
         raise ValueError(f"algo.overlong={algo.overlong!r}; expected none, mask or penalty")
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     groups = torch.tensor([s.group for s in samples])
-    for s, a in zip(samples, advantage_fn(algo.advantage)(rewards, groups).tolist()):
-        s.advantage = a
-    return metrics
+    advantages = advantage_fn(algo.advantage)(rewards, groups).tolist()
+    return [replace(s, advantage=a) for s, a in zip(samples, advantages)], metrics
 
 
 def drop_equal_reward_groups(samples: list[Sample]) -> list[Sample]:

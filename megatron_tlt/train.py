@@ -23,7 +23,7 @@ from megatron_tlt.data.datasets import PromptSampler
 from megatron_tlt.metrics import MetricsLogger, length_stats
 from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.rewards import RewardPool, build_reward_fn
-from megatron_tlt.rl.trainer import PolicyTrainer
+from megatron_tlt.trainer.policy import PolicyTrainer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def train(cfg: Config) -> Path:
                 params = P.sampling_params(cfg.rollout, tokenizer, P.step_seed(cfg.run.seed, step * 1000 + refill))
                 mine = tally.timed("rollout_time_s", P.rollout, engine, prompts, params)
                 tally.add_engine(engine.stats)
-                tally.add_rewards(tally.timed("reward_time_s", P.score, mine, prompts, pool, tokenizer))
+                mine, reward_stats = tally.timed("reward_time_s", P.score, mine, prompts, pool, tokenizer)
+                tally.add_rewards(reward_stats)
                 if tlt is not None:  # this rank is done: train the drafter until the slowest rank is too
                     tlt.spot_train(step * 1000 + refill)
                 new = P.gather_samples(mine, ps)
@@ -84,7 +85,8 @@ def train(cfg: Config) -> Path:
             if tlt is not None:
                 tally.metrics.update(tlt.merge())
             # 3. advantages, 4. packed policy update (weights are shared with the engine)
-            tally.metrics.update(P.assign_advantages(samples, cfg.algo, cfg.rollout.max_new_tokens))
+            samples, advantage_metrics = P.assign_advantages(samples, cfg.algo, cfg.rollout.max_new_tokens)
+            tally.metrics.update(advantage_metrics)
             if samples:
                 train_metrics, hidden = tally.timed("train_time_s", trainer.step, samples, cfg.rollout.max_new_tokens,
                                                     collect_hidden=tlt is not None)

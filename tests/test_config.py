@@ -51,7 +51,7 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 
 
 def test_demo_settings_are_a_valid_config():
-    from megatron_tlt.demo import DEMO_SETTINGS
+    from megatron_tlt.cli.demo import DEMO_SETTINGS
 
     cfg = load_config(None, DEMO_SETTINGS)
     assert cfg.run.dir == "runs/demo" and cfg.run.sft_steps > 0 and cfg.data.task_args == {"max_terms": 3, "max_value": 9}

@@ -26,7 +26,8 @@ from megatron_tlt.drafter.buffer import DrafterBuffer, from_trainer_output
 from megatron_tlt.drafter.train import DrafterExample, DrafterTrainer, policy_examples
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import init_parallel, set_seed
-from megatron_tlt.rl.trainer import PolicyTrainer, Sample
+from megatron_tlt.rl.sample import Sample
+from megatron_tlt.trainer.policy import PolicyTrainer
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=2,
                   max_position_embeddings=64)

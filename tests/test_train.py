@@ -2,6 +2,7 @@
 bit-exactness, dynamic sampling refills, bad data rows) and the plots, on a tiny CPU model."""
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel
 from megatron_tlt.pipeline import assign_advantages
 from megatron_tlt.plot import plot_run
-from megatron_tlt.rl.trainer import PolicyTrainer, Sample
+from megatron_tlt.rl.sample import Sample
+from megatron_tlt.trainer.policy import PolicyTrainer
 from megatron_tlt.train import train
 
 CFG = ModelConfig(vocab_size=96, make_vocab_size_divisible_by=32, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -36,8 +38,7 @@ def make_samples(seed: int = 0, n: int = 12) -> list[Sample]:
         prompt = torch.randint(0, 96, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
         resp = torch.randint(0, 96, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g).tolist()
         out.append(Sample(prompt, resp, [-4.0] * len(resp), reward=float(i % 3 == 0), group=i // 4))
-    assign_advantages(out, AlgoConfig(), max_new_tokens=16)
-    return out
+    return assign_advantages(out, AlgoConfig(), max_new_tokens=16)[0]
 
 
 def _update(model, ps, samples, micro_batch_tokens=40):
@@ -83,7 +84,7 @@ def test_nan_loss_skips_the_update(caplog):
     model = Policy(CFG, ps.tp_group)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     samples = make_samples()
-    samples[0].advantage = float("nan")
+    samples[0] = replace(samples[0], advantage=float("nan"))
     with caplog.at_level(logging.WARNING):
         metrics = _update(model, ps, samples)
     assert metrics["skipped_update"] == 1.0
@@ -94,10 +95,10 @@ def test_nan_loss_skips_the_update(caplog):
 def test_overlong_mask_and_penalty():
     samples = [Sample([1], [2] * 16, [0.0] * 16, reward=1.0, group=0, finish_reason="length"),
                Sample([1], [2] * 4, [0.0] * 4, reward=1.0, group=0, finish_reason="stop")]
-    assign_advantages(samples, AlgoConfig(overlong="mask"), max_new_tokens=16)
+    samples, _ = assign_advantages(samples, AlgoConfig(overlong="mask"), max_new_tokens=16)
     assert [s.trained for s in samples] == [False, True]
     samples = [Sample([1], [2] * 16, [0.0] * 16, reward=1.0, group=0), Sample([1], [2] * 4, [0.0] * 4, reward=1.0, group=0)]
-    assign_advantages(samples, AlgoConfig(overlong="penalty", overlong_buffer=8, overlong_penalty=1.0), max_new_tokens=16)
+    samples, _ = assign_advantages(samples, AlgoConfig(overlong="penalty", overlong_buffer=8, overlong_penalty=1.0), max_new_tokens=16)
     assert samples[0].reward == pytest.approx(0.0) and samples[1].reward == pytest.approx(1.0)
     assert samples[0].advantage < 0 < samples[1].advantage
 

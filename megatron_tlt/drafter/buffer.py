@@ -49,7 +49,7 @@ import torch
 from megatron_tlt.drafter.train import DrafterBatch, DrafterExample, make_batches
 
 if TYPE_CHECKING:
-    from megatron_tlt.rl.trainer import Sample
+    from megatron_tlt.rl.sample import Sample
 
 log = logging.getLogger(__name__)
 

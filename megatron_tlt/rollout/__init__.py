@@ -1,9 +1,16 @@
-"""Rollout: the generation engine (KV cache, batching, sampling, stop conditions, per-token logprobs).
+"""Rollout: the generation engine (KV cache, batching, sampling, stop conditions, per-token logprobs) and
+speculative decoding with a drafter, its draft shape chosen per batch by an adaptive selector.
 
     from megatron_tlt.rollout import RolloutEngine, SamplingParams
     completions = RolloutEngine(model).generate(prompt_ids, SamplingParams(n=8, max_new_tokens=1024))
-"""
-from megatron_tlt.rollout.engine import Completion, DecodeRows, RolloutEngine, StepOutput
-from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
 
-__all__ = ["Completion", "DecodeRows", "RolloutEngine", "SamplingParams", "StepOutput", "sample", "target_logprobs"]
+Code outside `rollout/` imports from here only.
+"""
+from megatron_tlt.rollout.engine import DEFAULT_SHAPES, SPEC_MODES, Completion, DecodeRows, RolloutEngine, StepOutput
+from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
+from megatron_tlt.rollout.selector import DraftSelector, DraftShape
+
+__all__ = [
+    "DEFAULT_SHAPES", "SPEC_MODES", "Completion", "DecodeRows", "DraftSelector", "DraftShape", "RolloutEngine",
+    "SamplingParams", "StepOutput", "sample", "target_logprobs",
+]

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from megatron_tlt.checkpoint.dcp import is_tlt_checkpoint, save_checkpoint
 from megatron_tlt.config.schema import Config, DataConfig, DrafterConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig

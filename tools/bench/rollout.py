@@ -49,9 +49,7 @@ from common import add_model_args, trained_models  # noqa: E402
 from megatron_tlt.checkpoint.convert import tlt_to_hf  # noqa: E402
 from megatron_tlt.config.schema import DTYPES  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
-from megatron_tlt.rollout.engine import RolloutEngine  # noqa: E402
-from megatron_tlt.rollout.sampling import SamplingParams  # noqa: E402
-from megatron_tlt.rollout.selector import DraftSelector, DraftShape  # noqa: E402
+from megatron_tlt.rollout import DraftSelector, DraftShape, RolloutEngine, SamplingParams  # noqa: E402
 
 MODES = ("plain", "chain", "tree", "adaptive")
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DRAFTER_DIR, POLICY_DIR, add_model_args, bench_config, trained_models  # noqa: E402
 
 from megatron_tlt.config import load_config  # noqa: E402
-from megatron_tlt.demo import train_on_local_ranks  # noqa: E402
+from megatron_tlt.cli.demo import train_on_local_ranks  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
 
 MODES = {

@@ -98,7 +98,7 @@ def run_generate(args) -> int:
         raise UserError(f"--spec {args.spec} needs --drafter PATH")
     if args.spec == "off" and args.drafter is not None:
         raise UserError("--drafter is used only with --spec chain|tree|adaptive")
-    from megatron_tlt.rollout.sampling import SamplingParams
+    from megatron_tlt.rollout import SamplingParams
 
     model_dir = Path(args.model)
     tokenizer = _load_tokenizer(model_dir)
@@ -115,7 +115,7 @@ def run_generate(args) -> int:
     import torch.distributed as dist
 
     from megatron_tlt.models.loading import load_model
-    from megatron_tlt.rollout.engine import RolloutEngine
+    from megatron_tlt.rollout import RolloutEngine
 
     model = load_model(model_dir)
     drafter = None

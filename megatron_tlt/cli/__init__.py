@@ -14,9 +14,9 @@ Each subcommand imports its module only when it runs, so `--help` stays fast.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
+
+from megatron_tlt.cli.logs import setup_logging
 
 
 def _config_args(args) -> tuple:
@@ -27,7 +27,7 @@ def _config_args(args) -> tuple:
 
 
 def _demo(args) -> int:
-    from megatron_tlt.demo import run_demo
+    from megatron_tlt.cli.demo import run_demo
 
     run_demo(*_config_args(args))
     return 0
@@ -61,13 +61,13 @@ def _convert(args) -> int:
 
 
 def _generate(args) -> int:
-    from megatron_tlt.rollout.generate_cli import run_generate
+    from megatron_tlt.cli.generate import run_generate
 
     return run_generate(args)
 
 
 def _train_drafter(args) -> int:
-    from megatron_tlt.drafter.train import run_train_drafter
+    from megatron_tlt.cli.train_drafter import run_train_drafter
 
     return run_train_drafter(args)
 
@@ -144,13 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="HF directory to write (config.json + model.safetensors)")
     x.set_defaults(fn=_export_drafter)
     return p
-
-
-def setup_logging() -> None:
-    """INFO logs of ours, warnings only from megatron-core, without its note that TE / Apex are absent."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 
 def main(argv=None) -> int:

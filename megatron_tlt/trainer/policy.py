@@ -1,7 +1,7 @@
 """The packed policy update: one optimizer step over a global batch of scored samples.
 
-`Sample` is the contract between rollout and trainer (prompt and response tokens, the rollout's
-logprobs, reward, advantage, group). `PolicyTrainer.step(samples)`:
+`PolicyTrainer.step(samples)` over `rl.sample.Sample`s (prompt and response tokens, the rollout's
+logprobs, advantage):
 
 1. bin-packs the samples into micro-batches by token count (`optim.micro_batch_tokens`), the number
    of bins a multiple of the DP size, and gives each DP rank a share balanced by tokens;
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,22 +35,9 @@ from megatron_tlt.models.packed import PackedOutput, packed_forward
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
+from megatron_tlt.rl.sample import Sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Sample:
-    """One response to one prompt, as the trainer sees it."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logprobs: list[float]  # the sampling policy's logprob of each response token
-    reward: float = 0.0
-    advantage: float = 0.0
-    group: int = 0  # samples of the same prompt share a group
-    finish_reason: str = "stop"
-    trained: bool = True  # False: the sample takes no loss (e.g. masked overlong response)
 
 
 def lr_schedule(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -64,11 +50,8 @@ def lr_schedule(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: fl
 
 
 def _rollout_logprobs_at_targets(pb, samples: list[Sample], device) -> torch.Tensor:
-    """[T] the rollout's logprob of targets[t] (response token j of a sample sits at position len(prompt) - 1 + j)."""
-    values = []
-    for i in pb.example_ids:
-        s = samples[i]
-        values += [0.0] * (len(s.prompt_ids) - 1) + list(s.rollout_logprobs) + [0.0]
+    """[T] the rollout's logprob of targets[t] (0 where targets[t] is not a response token)."""
+    values = [v for i in pb.example_ids for v in samples[i].at_response_positions(samples[i].rollout_logprobs)]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
@@ -148,8 +131,7 @@ class PolicyTrainer:
                                  m["entropy"].double().cpu(), m.get("kl", torch.zeros(())).double().cpu(), gap.double().cpu()])
             if collect_hidden:
                 for i, h in zip(pb.example_ids, unpack(hidden.detach(), pb.cu_seqlens)):
-                    # h[start - 1 + j] produced response token j; the window runs to the sequence's end.
-                    hidden_out[i] = h[len(samples[i].prompt_ids) - 1 :]
+                    hidden_out[i] = h[samples[i].response_window]
         if self.ps.dp_size > 1:
             dist.all_reduce(sums, group=self.ps.dp_group)
         all_reduce_grads_(model.parameters(), self.ps.dp_group)

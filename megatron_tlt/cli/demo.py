@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.multiprocessing as mp
 
+from megatron_tlt.cli.logs import setup_logging
 from megatron_tlt.config import Config, load_config
 from megatron_tlt.parallel.state import free_port, set_local_rank_env
 from megatron_tlt.plot import plot_run
@@ -44,10 +45,8 @@ DEMO_RANKS = 2
 def _worker(rank: int, cfg: Config, world_size: int, port: int) -> None:
     set_local_rank_env(rank, world_size, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    from megatron_tlt.cli import setup_logging
-    from megatron_tlt.train import train
-
     setup_logging()
+    from megatron_tlt.train import train
 
     train(cfg)
 

@@ -1,0 +1,1 @@
+"""Training the policy: the packed PPO-style update (`policy`) and the supervised warm-up (`sft`)."""
