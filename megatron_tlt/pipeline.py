@@ -84,8 +84,8 @@ def build_tlt(cfg: Config, drafter, ps: ParallelState):
     if drafter is None or not cfg.drafter.online:
         return None
     from megatron_tlt.coordinator.spot import SpotTrainer
-    from megatron_tlt.drafter.buffer import DrafterBuffer
-    from megatron_tlt.drafter.train import DrafterTrainer
+    from megatron_tlt.drafter.data import DrafterBuffer
+    from megatron_tlt.drafter.trainer import DrafterTrainer
 
     trainer = DrafterTrainer(drafter, lr=cfg.drafter.lr, max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens)
     return SpotTrainer(trainer, DrafterBuffer(int(cfg.drafter.buffer_gb * 2**30)), ps, seed=cfg.run.seed)
@@ -253,7 +253,7 @@ def warm_up(cfg: Config, model: Policy, drafter, engine, tokenizer, train_ds: Pr
         if ps.is_main:
             log.info("supervised warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
     if drafter is not None and cfg.drafter.warmup_steps > 0:
-        from megatron_tlt.drafter.train import train_drafter_offline
+        from megatron_tlt.drafter.trainer import train_drafter_offline
 
         prompts = [train_ds[i].prompt_ids for i in range(min(cfg.drafter.warmup_prompts, len(train_ds)))]
         params = sampling_params(cfg.rollout, tokenizer, step_seed(cfg.run.seed, -1))

@@ -22,8 +22,8 @@ from megatron_tlt.config.schema import AlgoConfig, ModelConfig, OptimConfig
 from megatron_tlt.coordinator import SpotTrainer
 from megatron_tlt.coordinator.spot import buckets
 from megatron_tlt.drafter import Drafter
-from megatron_tlt.drafter.buffer import DrafterBuffer, from_trainer_output
-from megatron_tlt.drafter.train import DrafterExample, DrafterTrainer, policy_examples
+from megatron_tlt.drafter.data import DrafterBuffer, DrafterExample, from_trainer_output, policy_examples
+from megatron_tlt.drafter.trainer import DrafterTrainer
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.sample import Sample

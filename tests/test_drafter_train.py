@@ -25,16 +25,9 @@ from megatron_tlt.drafter.export import (
     read_drafter_weights,
     save_drafter,
 )
-from megatron_tlt.drafter.train import (
-    VOCAB_CHUNK_TOKENS,
-    DrafterExample,
-    DrafterTrainer,
-    drafter_loss,
-    evaluate_drafter,
-    make_batches,
-    policy_examples,
-    train_drafter_offline,
-)
+from megatron_tlt.drafter.data import DrafterExample, make_batches, policy_examples
+from megatron_tlt.drafter.loss import VOCAB_CHUNK_TOKENS, drafter_loss
+from megatron_tlt.drafter.trainer import DrafterTrainer, evaluate_drafter, train_drafter_offline
 from megatron_tlt.errors import CheckpointError
 from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy

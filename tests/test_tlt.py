@@ -12,9 +12,7 @@ import torch
 from train_utils import fit_packed
 
 from megatron_tlt.config.schema import ModelConfig
-from megatron_tlt.drafter import Drafter
-from megatron_tlt.drafter.buffer import DrafterBuffer
-from megatron_tlt.drafter.train import DrafterTrainer, policy_examples, train_drafter_offline
+from megatron_tlt.drafter import Drafter, DrafterBuffer, DrafterTrainer, policy_examples, train_drafter_offline
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
 from megatron_tlt.rollout import RolloutEngine, SamplingParams

@@ -57,8 +57,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tlt.checkpoint.dcp import init_adam_state
-from megatron_tlt.drafter.buffer import DrafterBuffer, from_trainer_output
-from megatron_tlt.drafter.train import DrafterTrainer
+from megatron_tlt.drafter.data import DrafterBuffer, from_trainer_output
+from megatron_tlt.drafter.trainer import DrafterTrainer
 from megatron_tlt.parallel.state import ParallelState
 
 STOP, WAIT, STEP = 0, 1, 2  # TP rank 0's decision before each step

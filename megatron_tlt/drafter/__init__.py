@@ -1,4 +1,39 @@
-"""The drafter: an EAGLE-style head that proposes tokens for speculative decoding (see `model.py`)."""
-from megatron_tlt.drafter.model import Drafter
+"""The drafter: an EAGLE-style head that proposes tokens for speculative decoding, trained online by TLT.
 
-__all__ = ["Drafter"]
+    model.py    `Drafter`: the head (one decoder layer on the policy's embedding and LM head)
+    loss.py     `drafter_loss`: EAGLE's hidden-state regression + soft cross-entropy on packed sequences
+    data.py     `DrafterExample`, `DrafterBatch`, `make_batches`, `policy_examples`; the online `DrafterBuffer`
+    trainer.py  `DrafterTrainer` (one preemptible step), `evaluate_drafter`, `train_drafter_offline`
+"""
+from megatron_tlt.drafter.data import (
+    DrafterBatch,
+    DrafterBuffer,
+    DrafterExample,
+    example_bytes,
+    from_trainer_output,
+    make_batches,
+    policy_examples,
+)
+from megatron_tlt.drafter.loss import CE_WEIGHT, HIDDEN_WEIGHT, VOCAB_CHUNK_TOKENS, drafter_loss, frozen, has_next_token
+from megatron_tlt.drafter.model import Drafter
+from megatron_tlt.drafter.trainer import DrafterTrainer, evaluate_drafter, train_drafter_offline
+
+__all__ = [
+    "CE_WEIGHT",
+    "HIDDEN_WEIGHT",
+    "VOCAB_CHUNK_TOKENS",
+    "Drafter",
+    "DrafterBatch",
+    "DrafterBuffer",
+    "DrafterExample",
+    "DrafterTrainer",
+    "drafter_loss",
+    "evaluate_drafter",
+    "example_bytes",
+    "from_trainer_output",
+    "frozen",
+    "has_next_token",
+    "make_batches",
+    "policy_examples",
+    "train_drafter_offline",
+]

@@ -5,7 +5,7 @@ outputs are structured and a drafter that learned them. `trained_models(args, ps
 the library's own warm-up (`pipeline.warm_up`): the policy is trained supervised (packed) on a
 built-in synthetic task's worked solutions, then it answers training prompts (sampled at the
 rollout temperature, as in RL) and the drafter is trained offline on those samples
-(`drafter.train.train_drafter_offline`). Benchmarks then run on the task's held-out prompts, which
+(`drafter.trainer.train_drafter_offline`). Benchmarks then run on the task's held-out prompts, which
 neither model has seen.
 
 The result is saved under --cache-dir (a megatron_tlt checkpoint with the tokenizer, and a drafter

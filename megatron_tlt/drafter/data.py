@@ -1,21 +1,36 @@
-"""Online buffer of drafter training data: policy tokens and hidden states from the RL update's own forward.
+"""Drafter training data: policy sequences with the policy's hidden states, packed micro-batches, the online buffer.
 
-What: `DrafterBuffer(max_bytes)` keeps `DrafterExample`s grouped by the RL step that produced them, under a
-cap on host memory, and `batches(max_tokens, rng)` streams packed `DrafterBatch` micro-batches from it,
-newest data first. `from_trainer_output(samples, hidden)` turns the hidden states returned by
+What: a `DrafterExample` is one policy sequence with the policy's hidden states over it; `make_batches`
+packs examples into `DrafterBatch` micro-batches, the unit of a drafter trainer step. Offline,
+`policy_examples(policy, sequences, max_tokens)` computes the examples with one packed no-grad forward of
+the policy per micro-batch (`models.packed.chunk_forward`). Online, `DrafterBuffer(max_bytes)` keeps
+examples grouped by the RL step that produced them, under a cap on host memory, and
+`batches(max_tokens, rng)` streams packed micro-batches from it, newest data first;
+`from_trainer_output(samples, hidden)` turns the hidden states returned by
 `PolicyTrainer.step(..., collect_hidden=True)` into examples.
 
-Why: TLT keeps the drafter aligned with a policy that RL keeps moving, without an extra forward pass: the
-policy update already computes the final hidden state at every position. Data from older steps was made by
+Why: TLT keeps the drafter aligned with a policy that RL keeps moving; online it needs no extra forward
+pass: the policy update already computes the final hidden state at every position. Data from older steps was made by
 an older policy, so it is evicted first and drawn less often.
+
+Data. A `DrafterExample` is one policy sequence (prompt + response): tokens x_0..x_{L-1} [L] and
+hidden f_0..f_{L-1} [L, H], where f_t is the policy's final normed hidden state at position t, the LM-head
+input that predicts x_{t+1} (`Policy.hidden_states`; the trainer's packed forward returns the same).
+Examples are packed as the policy is (`megatron_tlt.data.packing`): `make_batches` bin-packs them into
+`DrafterBatch`es of at most `max_tokens` tokens with `cu_seqlens` and position ids restarting per example.
 
 How:
 
-    buffer = DrafterBuffer(max_bytes=4 * 2**30)
+    examples = policy_examples(policy, sequences, max_tokens=4096)        # offline: one packed no-grad forward
+    batches = make_batches(examples, max_tokens=4096)
+
+    buffer = DrafterBuffer(max_bytes=4 * 2**30)                           # online: the RL update's own forward
     metrics, hidden = policy_trainer.step(samples, max_response_len, collect_hidden=True)
     buffer.add(rl_step, from_trainer_output(samples, hidden))
     batches = buffer.batches(max_tokens=4096, rng=random.Random(seed))  # endless while not empty
     drafter_trainer.step(next(batches))
+
+The online buffer:
 
 Storage. Examples live on the host (device memory belongs to the policy and the rollout's KV cache), as
 copies: a view would keep the trainer's whole packed [T, H] hidden tensor alive and break the byte count.
@@ -42,11 +57,14 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
-from megatron_tlt.drafter.train import DrafterBatch, DrafterExample, make_batches
+from megatron_tlt.data.packing import pack_sequences, plan_micro_batches, unpack
+from megatron_tlt.models.packed import chunk_forward
 
 if TYPE_CHECKING:
     from megatron_tlt.rl.sample import Sample
@@ -54,6 +72,73 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# ---- examples and micro-batches ----
+@dataclass
+class DrafterExample:
+    """One policy sequence and the policy's hidden states over it."""
+
+    tokens: torch.Tensor  # [L] int64 prompt + response
+    hidden: torch.Tensor  # [L, H] final normed hidden state at each position (hidden[t] predicts tokens[t+1])
+
+
+@dataclass
+class DrafterBatch:
+    """Packed examples: one micro-batch, the unit of a trainer step."""
+
+    tokens: torch.Tensor  # [T] int64
+    hidden: torch.Tensor  # [T, H]
+    position_ids: torch.Tensor  # [T] int64, restarting at 0 per example
+    cu_seqlens: torch.Tensor  # [N+1] int32
+    max_seqlen: int
+    loss_mask: torch.Tensor  # [T] bool, position t has a next token in its example
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device) -> "DrafterBatch":
+        return DrafterBatch(
+            self.tokens.to(device), self.hidden.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
+            self.max_seqlen, self.loss_mask.to(device),
+        )
+
+
+def make_batches(examples: Sequence[DrafterExample], max_tokens: int) -> list[DrafterBatch]:
+    """Bin-pack examples into micro-batches of at most `max_tokens` tokens. A longer example is cut to its
+    first `max_tokens` tokens (causal, so the prefix is exact), which keeps every trainer step bounded."""
+    examples = [DrafterExample(e.tokens[:max_tokens], e.hidden[:max_tokens]) for e in examples]
+    bins = plan_micro_batches([e.tokens.shape[0] for e in examples], max_tokens)
+    batches = []
+    for idx in bins:
+        packed = pack_sequences([examples[i].tokens for i in idx])
+        batches.append(DrafterBatch(
+            tokens=packed.tokens,
+            hidden=torch.cat([examples[i].hidden for i in idx]),
+            position_ids=packed.position_ids,
+            cu_seqlens=packed.cu_seqlens,
+            max_seqlen=packed.max_seqlen,
+            loss_mask=packed.loss_mask,
+        ))
+    return batches
+
+
+@torch.no_grad()
+def policy_examples(policy: nn.Module, sequences: Sequence[Sequence[int]], max_tokens: int) -> list[DrafterExample]:
+    """One packed no-grad forward of the policy per micro-batch of `sequences` -> their DrafterExamples.
+
+    The hidden states are kept in host memory (sum of lengths x H x dtype bytes) and moved to the device
+    one micro-batch per trainer step. Sequences longer than `max_tokens` get a forward of their own.
+    """
+    examples: list[Optional[DrafterExample]] = [None] * len(sequences)
+    for idx in plan_micro_batches([len(s) for s in sequences], max_tokens):
+        packed = pack_sequences([list(sequences[i]) for i in idx])
+        hidden = chunk_forward(policy, packed).cpu()  # [T, H]
+        for i, tokens, h in zip(idx, unpack(packed.tokens, packed.cu_seqlens), unpack(hidden, packed.cu_seqlens)):
+            examples[i] = DrafterExample(tokens, h)
+    return examples
+
+
+# ---- the online buffer ----
 def example_bytes(example: DrafterExample) -> int:
     """Storage bytes of an example's tokens and hidden states."""
     return sum(t.numel() * t.element_size() for t in (example.tokens, example.hidden))
