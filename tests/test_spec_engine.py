@@ -30,10 +30,13 @@ from megatron_tlt.models.kv_cache import CacheBatch, KVCache
 from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.state import destroy_parallel, init_parallel
-from megatron_tlt.rollout import RolloutEngine, SamplingParams, speculative, target_logprobs
+from megatron_tlt.rollout import RolloutEngine, SamplingParams, target_logprobs
 from megatron_tlt.rollout import engine as engine_module
-from megatron_tlt.rollout.selector import OFF, DraftSelector, DraftShape, arm_name, batch_bucket
-from megatron_tlt.rollout.spec_engine import DrafterState
+from megatron_tlt.rollout.cuda_graphs import next_power_of_two as batch_bucket
+from megatron_tlt.rollout.spec import drafting
+from megatron_tlt.rollout.spec import tree as spec_tree
+from megatron_tlt.rollout.spec.drafting import DrafterState
+from megatron_tlt.rollout.spec.selector import OFF, DraftSelector, DraftShape, arm_name
 
 CFG = ModelConfig(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
@@ -160,7 +163,7 @@ def test_static_shapes_equal_exact_shapes(model, drafters, spec, monkeypatch):
     kw = {} if spec == "off" else dict(drafter=drafters["trained"], spec=spec, draft_shape=CHAIN if spec == "chain" else TREE)
     exact = make_engine(model, num_slots=3, return_hidden=True, **kw).generate(PROMPTS, params)  # 3 live rows: padded to 4
     engine = make_engine(model, num_slots=3, return_hidden=True, cuda_graphs="eager", **kw)
-    assert (engine.num_slots, engine.cache.num_slots) == (3, 4)
+    assert (engine.num_slots, engine.model_calls.cache.num_slots) == (3, 4)
     calls, hidden_states = [], model.hidden_states  # (batch, kv_len, slots) of each decode / verify call (prefills pass no positions)
 
     def recording(tokens, position_ids=None, cache=None, **kw):
@@ -195,7 +198,7 @@ def test_cuda_graphs_equal_eager_on_gpu(model, spec):
     engine = make_engine(policy, num_slots=3, cuda_graphs="capture", **kw)
     for _ in range(2):  # the second run replays the graphs captured in the first
         assert tokens_of(engine.generate(PROMPTS, params)) == tokens_of(eager)
-    assert engine.static_calls.graphs
+    assert engine.model_calls.static_calls.graphs
 
 
 @torch.no_grad()
@@ -204,8 +207,8 @@ def test_tree_levels_equal_dense_drafter_branches(model, drafters, monkeypatch):
     committed (x_{t+1}, f_t) pairs, then the path's tokens, each fed with its parent's drafter output."""
     drafter, prompts = drafters["trained"], PROMPTS[1:3]
     trees = []
-    draft = engine_module.draft_tree
-    monkeypatch.setattr(engine_module, "draft_tree", lambda *args: trees.append(draft(*args)) or trees[-1])
+    draft = drafting.draft_tree
+    monkeypatch.setattr(drafting, "draft_tree", lambda *args: trees.append(draft(*args)) or trees[-1])
     engine = make_engine(model, drafter=drafter, spec="tree", draft_shape=TREE)
     engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=1))
     (tree,) = trees  # one step; its roots are the prompts' last tokens
@@ -289,8 +292,8 @@ def test_sampling_follows_the_exact_target_distribution(model, shape, monkeypatc
 
     assert tv() < bound
     # The classic mistakes: resample from p instead of the residual (keep rejected candidates in it).
-    monkeypatch.setattr(speculative, "_rejection_residual", lambda p, q: p)
-    monkeypatch.setattr(speculative, "_remove_candidate", lambda residual, token, rejected: residual)
+    monkeypatch.setattr(spec_tree, "_rejection_residual", lambda p, q: p)
+    monkeypatch.setattr(spec_tree, "_remove_candidate", lambda residual, token, rejected: residual)
     assert tv() > bound
 
 

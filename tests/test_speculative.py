@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megatron_tlt.models.kv_cache import KVCache
-from megatron_tlt.rollout import speculative
-from megatron_tlt.rollout.speculative import DraftTree, TreeBuilder, VerifyResult, compact_kv, kv_keep_index, verify
+from megatron_tlt.rollout.spec import tree as spec_tree
+from megatron_tlt.rollout.spec.tree import DraftTree, TreeBuilder, VerifyResult, kv_keep_index, verify
 
 V = 4  # vocabulary: V**3 = 64 three-token sequences
 CONTEXT = (1, 2)  # the two committed tokens every row starts from
@@ -147,8 +147,8 @@ def test_sampling_is_lossless_and_a_biased_rule_is_caught(mode, warp, monkeypatc
 
     # The classic mistake for each rule: resample from p instead of the residual (sampled chain:
     # skip max(p - q, 0); point drafts: keep rejected candidates in the residual).
-    monkeypatch.setattr(speculative, "_rejection_residual", lambda p, q: p)
-    monkeypatch.setattr(speculative, "_remove_candidate", lambda residual, token, rejected: residual)
+    monkeypatch.setattr(spec_tree, "_rejection_residual", lambda p, q: p)
+    monkeypatch.setattr(spec_tree, "_remove_candidate", lambda residual, token, rejected: residual)
     biased_tv = _tv(_generate(NUM_ROWS, target_logp, draft_logp, mode, seed=1), exact)
     assert biased_tv > bound, f"{mode}/{warp}: the biased rule passed (TV {biased_tv:.4f} <= {bound:.4f})"
 
@@ -323,7 +323,7 @@ def test_kv_keep_index_and_compaction():
     for buf in (*cache.k, *cache.v):
         buf.copy_(torch.arange(16.0).view(1, 16, 1, 1).expand_as(buf))  # value = position
     slots, start = torch.tensor([2, 0]), torch.tensor([5, 9])
-    compact_kv(cache, slots, start, keep)
+    cache.compact(slots, start, keep)
     for buf in (*cache.k, *cache.v):
         assert buf[2, 5:8, 0, 0].tolist() == [5.0, 7.0, 10.0]  # root, node 1 (row 2), node 4 (row 5)
         assert buf[0, 9, 0, 0].item() == 9.0

@@ -1,4 +1,4 @@
-"""Preallocated KV cache for the rollout engine.
+"""Preallocated KV cache for the rollout engine, and the operations on it.
 
 Per layer, K and V are `[num_slots, max_seq_len, kv_heads_local, head_dim]` tensors allocated once
 (shapes never change, so decode steps can be captured in CUDA graphs). A request owns a slot; the
@@ -7,6 +7,11 @@ writes the new keys/values at `start[b] + i` and attends over the first `kv_len`
 
     cache = KVCache.for_model(cfg, tp_size=1, num_slots=8, max_seq_len=512, dtype=torch.float32, device="cpu")
     logits = model(tokens, cache=CacheBatch(cache, slots, start, kv_len=int((start + S).max())))
+
+Besides the model's own writes, two in-place operations move cached entries between positions, every
+layer at once and without a host sync: `copy_prefix` (the samples of a prompt share one prefill) and
+`compact` (speculative decoding keeps the accepted entries of a verify forward, see
+`rollout/spec/tree.py`).
 """
 from __future__ import annotations
 
@@ -45,6 +50,27 @@ class KVCache:
         if slots < 1:
             raise ValueError(f"KV cache budget {budget_bytes} B is below one slot of {max_seq_len} tokens ({per_slot} B)")
         return cls.for_model(cfg, tp_size, slots + extra_slots, max_seq_len, dtype, device, num_layers)
+
+    def copy_prefix(self, src: torch.Tensor, dst: torch.Tensor, num_tokens: int) -> None:
+        """Copy the first `num_tokens` cached positions of slots src [M] into slots dst [M], every layer."""
+        for k, v in zip(self.k, self.v):  # each [num_slots, max_seq_len, Hkv, D]
+            k[dst, :num_tokens] = k[src, :num_tokens]
+            v[dst, :num_tokens] = v[src, :num_tokens]
+
+    def compact(self, slots: torch.Tensor, start: torch.Tensor, keep_index: torch.Tensor) -> None:
+        """Move kept entries written after `start` to contiguous positions, every layer, in place.
+
+        slots, start: [B] as in the CacheBatch of the forward that wrote them; keep_index: [B, K] offsets
+        after start to keep, in order (a verify forward's root and accepted path: `kv_keep_index`).
+        Entry start + j <- entry start + keep_index[:, j]. Sources are gathered before anything is
+        written, so overlaps are safe.
+        """
+        offsets = torch.arange(keep_index.shape[1], device=start.device)  # [K]
+        dst = start.unsqueeze(1) + offsets  # [B, K]
+        src = start.unsqueeze(1) + keep_index  # [B, K]
+        row = slots.unsqueeze(1).expand_as(dst)  # [B, K]
+        for buf in (*self.k, *self.v):  # each [num_slots, max_seq_len, Hkv, D]
+            buf[row, dst] = buf[row, src]
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Why: in the long tail a decode step runs a handful of live rows through hundreds of small kernels;
 on an H100 launching them from Python takes longer than running them. A captured CUDA graph
 launches the whole step at once. Graphs need fixed shapes and fixed memory, so every call the
-engine repeats per step (the target's decode and tree-verify forwards, the drafter's draft levels)
-goes through `StaticCalls`, which gives it fixed shapes:
+engine repeats per step (the target's decode and tree-verify forwards, the drafter's draft levels;
+all in model_calls.py) goes through `StaticCalls`, which gives it fixed shapes:
 
 - the batch is padded to a bucket (next power of two): padded rows repeat row 0's inputs but write
   their K/V into a padding slot of each cache that no request owns (`pad_slot`), so they cannot
@@ -14,7 +14,7 @@ goes through `StaticCalls`, which gives it fixed shapes:
 - everything else in the key (draft width, tree-mask shape) is already a function of the draft shape.
 
     calls = StaticCalls("capture", pad_slot=num_slots, device=device)
-    hidden, logits = calls("decode", fn, {"tokens": t, "slots": s, "start": st}, kv_len)
+    hidden = calls("decode", fn, {"tokens": t, "slots": s, "start": st}, kv_len, cache_len)  # fn(inputs, kv)
 
 `fn(inputs, kv_len)` must read only `inputs` and `kv_len` (plus the model's weights and caches) and
 return a tensor or a tuple of tensors with the batch first. Modes:
@@ -43,6 +43,7 @@ Outputs = Union[torch.Tensor, tuple]
 
 
 def next_power_of_two(n: int) -> int:
+    """The power of two >= n: 1, 2, 4, 8, ... (the batch bucket of a static call and of the draft selector)."""
     return 1 << max(n - 1, 0).bit_length()
 
 

@@ -12,13 +12,14 @@ How to use:
     params = SamplingParams(temperature=1.0, max_new_tokens=2048, stop_token_ids=(eos,), n=8, seed=step)
     completions = engine.generate(prompt_ids, params)    # [prompt][sample] -> Completion
 
-How it works. Each request owns one KV-cache slot. Per-row decode state lives in tensors
-(`DecodeRows`): slot, `lengths` (tokens whose K/V are cached), `last_tokens` (the newest response
-token, or the prompt's last token right after admission; never cached yet) and `last_hidden` (the
-target's final hidden state that produced it, which an EAGLE drafter consumes). Admission prefills
-all prompt tokens but the last, in one right-padded call for several prompts, copies the K/V into
-the slots of the prompt's other samples, and the new rows join the decode batch. Every loop
-iteration then runs one step over all live rows:
+How it works. This module is the loop only: the queue, admission, the choice of each step (plain or
+speculative), the commit and the collection of finished rows. It touches the policy and the drafter
+only through `ModelCalls` (model_calls.py: the forwards, the KV caches, CUDA graphs, the LM head).
+Each request owns one KV-cache slot; per-row decode state lives in tensors (`DecodeRows`, types.py):
+slot, cached length, the newest token (not cached yet) and the target hidden state that produced it.
+Admission prefills all prompt tokens but the last, in one right-padded call for several prompts,
+copies the K/V into the slots of the prompt's other samples, and the new rows join the decode batch.
+Every loop iteration then runs one step over all live rows:
 
     out = engine.step(rows, params)   # StepOutput: 1..T new tokens per row (plain decoding: T = 1)
 
@@ -26,11 +27,12 @@ iteration then runs one step over all live rows:
 `DraftShape`, or "adaptive": the `DraftSelector`'s choice for the live batch size, rewarded with the
 step's committed tokens per wall second). `spec_step(rows, params, draft_shape)` feeds the drafter
 what it has not seen, drafts from `rows.last_tokens` / `rows.last_hidden`, verifies the whole tree
-in one target forward, and returns the accepted drafts plus the correction/bonus token of each row
-as a `StepOutput`, in place of `plain_step`'s one token. The commit that follows (stop tokens,
-length limits, output buffers, row-state update) is shared by both. Speculative decoding is
-lossless: greedy outputs equal plain decoding's, sampled ones follow the same distribution (though
-not the same random draws: with "adaptive", which steps speculate depends on measured timings).
+in one target forward (spec/drafting.py), and returns the accepted drafts plus the correction/bonus
+token of each row as a `StepOutput`, in place of `plain_step`'s one token. The commit that follows
+(stop tokens, length limits, output buffers, row-state update) is shared by both. Speculative
+decoding is lossless: greedy outputs equal plain decoding's, sampled ones follow the same
+distribution (though not the same random draws: with "adaptive", which steps speculate depends on
+measured timings).
 
     engine = RolloutEngine(model, drafter=Drafter(model), spec="adaptive")
 
@@ -39,159 +41,31 @@ row) that decides which rows finish and gives `kv_len`; plus, on steps where row
 of their outputs. Speculative steps add none: tree sizes, feed widths and `kv_len` follow from
 host-known lengths. Sampling, stop checks and output writes stay on the device.
 
-GPU fast path: the per-step model calls (the target's layers in decode and verify forwards, the
-drafter's draft levels) go through `StaticCalls` (cuda_graphs.py): batch padded to a power of two
-into an extra KV slot no request owns, kv_len bucketed, one CUDA graph per shape captured lazily in
-a shared memory pool and replayed. Prefills and drafter feeds (variable widths) run eagerly.
-
-Randomness: each request has its own torch.Generator seeded from (seed, prompt index or its
-`seed_ids` entry, sample index), so its random draws do not depend on which other requests share its
-batch (the logits can still differ in the last bits between batch shapes). The price is one small noise kernel per row per
-step; greedy plain decoding takes the argmax and draws nothing (speculative steps draw, greedy or
-not). Every TP rank builds the same generators and sees the same gathered logits, so all ranks
-sample the same tokens; with "adaptive", the ranks share the slowest rank's step time, so their
-selectors (same seed, same rewards) pick the same shapes.
+Randomness: each request has its own torch.Generator (`sampling.request_generator`) seeded from
+(seed, prompt index or its `seed_ids` entry, sample index), so its random draws do not depend on which
+other requests share its batch (the logits can still differ in the last bits between batch shapes).
+The price is one small noise kernel per row per step; greedy plain decoding takes the argmax and draws
+nothing (speculative steps draw, greedy or not). Every TP rank builds the same generators and sees the
+same gathered logits, so all ranks sample the same tokens; with "adaptive", the ranks share the slowest
+rank's step time, so their selectors (same seed, same rewards) pick the same shapes.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from megatron_tlt.models.kv_cache import CacheBatch, KVCache
-from megatron_tlt.rollout.cuda_graphs import StaticCalls
-from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
-from megatron_tlt.rollout.selector import DraftSelector, DraftShape, arm_name, batch_bucket
-from megatron_tlt.rollout.spec_engine import DrafterState, draft_tree, feasible_shape, verify_tree
+from megatron_tlt.rollout.cuda_graphs import next_power_of_two
+from megatron_tlt.rollout.model_calls import ModelCalls
+from megatron_tlt.rollout.sampling import SamplingParams, request_generator, sample, target_logprobs
+from megatron_tlt.rollout.spec.drafting import DrafterState, cache_headroom, feasible_shape, speculative_step
+from megatron_tlt.rollout.spec.selector import DraftSelector, DraftShape, arm_name
+from megatron_tlt.rollout.types import Completion, DecodeRows, EngineStats, OutputBuffers, Request, StepOutput
 
 SPEC_MODES = ("off", "chain", "tree", "adaptive")
 DEFAULT_SHAPES = {"chain": DraftShape.chain(4), "tree": DraftShape(depth=4, topk=4, num_verify=12)}
-
-
-@dataclass
-class Completion:
-    """One sample of one prompt."""
-
-    token_ids: list[int]  # response only; a stop token that ended it is included
-    logprobs: list[float]  # target_logprobs of each response token at its position (the sampling policy)
-    finish_reason: str  # "stop" | "length" | "prompt_too_long"
-    # [L, H] target final hidden state at the position whose logits produced each response token
-    # (sequence position prompt_len - 1 + j for token j); only with return_hidden
-    hidden_states: Optional[torch.Tensor] = None
-    stats: dict = field(default_factory=dict)
-
-
-@dataclass
-class StepOutput:
-    """What one decode step (plain or speculative) produced for each live row."""
-
-    tokens: torch.Tensor  # [B, T] int64 new response tokens in order; entries at >= num_new are ignored
-    logprobs: torch.Tensor  # [B, T] fp32 target log-prob of each token (target_logprobs at its position)
-    hidden: torch.Tensor  # [B, T, H] target final hidden state at the position that produced each token
-    num_new: torch.Tensor  # [B] int64 in [1, T]: tokens produced; all but the last are now in the cache
-    draft_shape: Optional[DraftShape] = None  # the speculative shape that produced it; None = a plain step
-
-
-@dataclass
-class _Request:
-    prompt_index: int
-    sample_index: int
-    prompt: list[int]
-    max_new: int  # response-length limit: max_new_tokens, cut to the context window
-    generator: torch.Generator
-    slot: int = -1
-    admitted_step: int = 0
-    shared_prefill: bool = False  # K/V copied from a sibling sample's prefill
-    spec_steps: int = 0  # speculative steps this request took part in
-
-
-@dataclass
-class DecodeRows:
-    """Decode state of the live requests; row b of every tensor belongs to requests[b]."""
-
-    slots: torch.Tensor  # [B] int64 KV-cache slot
-    lengths: torch.Tensor  # [B] int64 tokens whose K/V are in the cache (prompt + response fed so far)
-    last_tokens: torch.Tensor  # [B] int64 newest token of the row, not in the cache yet (the next step feeds it)
-    last_hidden: torch.Tensor  # [B, H] target final hidden state that produced last_tokens (zeros for a 1-token prompt)
-    num_generated: torch.Tensor  # [B] int64 response tokens so far
-    max_new: torch.Tensor  # [B] int64 response-length limit of each row
-    requests: list[_Request]
-    host_lengths: list[int]  # `lengths` as of the last sync: sizes kv_len without another sync
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    @property
-    def generators(self) -> list[torch.Generator]:
-        return [r.generator for r in self.requests]
-
-    def select(self, keep: list[int]) -> "DecodeRows":
-        idx = torch.tensor(keep, dtype=torch.long, device=self.slots.device)
-        return DecodeRows(
-            self.slots[idx], self.lengths[idx], self.last_tokens[idx], self.last_hidden[idx],
-            self.num_generated[idx], self.max_new[idx],
-            [self.requests[i] for i in keep], [self.host_lengths[i] for i in keep],
-        )
-
-    def cat(self, other: "DecodeRows") -> "DecodeRows":
-        return DecodeRows(
-            torch.cat([self.slots, other.slots]), torch.cat([self.lengths, other.lengths]),
-            torch.cat([self.last_tokens, other.last_tokens]), torch.cat([self.last_hidden, other.last_hidden]),
-            torch.cat([self.num_generated, other.num_generated]), torch.cat([self.max_new, other.max_new]),
-            self.requests + other.requests, self.host_lengths + other.host_lengths,
-        )
-
-
-@dataclass
-class EngineStats:
-    """Counters of the last `generate` call (for tests, benchmarks and the adaptive draft selector)."""
-
-    decode_batch_sizes: list[int] = field(default_factory=list)  # live rows at each decode step
-    queued_at_step: list[int] = field(default_factory=list)  # requests still waiting for a slot at each step
-    prefill_calls: int = 0
-    prefill_tokens: int = 0  # tokens computed by prefill calls, padding included
-    generated_tokens: int = 0
-    wall_s: float = 0.0
-    spec_steps: int = 0  # decode steps that were speculative
-    spec_row_steps: int = 0  # speculative steps summed over the requests (each row of a step counts)
-    accepted_drafts: int = 0  # draft tokens accepted, summed over the requests
-    # live-batch bucket (power of two) -> step kind ("off" or a DraftShape name) -> decode steps
-    arms_by_bucket: dict[int, dict[str, int]] = field(default_factory=dict)
-
-    @property
-    def mean_accept_len(self) -> float:
-        """Draft tokens accepted per row per speculative step (each such step commits one more)."""
-        return self.accepted_drafts / self.spec_row_steps if self.spec_row_steps else 0.0
-
-
-@dataclass
-class _Outputs:
-    """Device buffers a row's response is written to, indexed by slot; column `scratch` absorbs ignored writes."""
-
-    tokens: torch.Tensor  # [num_slots, max_new_tokens + 1] int64
-    logprobs: torch.Tensor  # [num_slots, max_new_tokens + 1] fp32
-    hidden: Optional[torch.Tensor]  # [num_slots, max_new_tokens + 1, H] or None
-
-    @property
-    def scratch(self) -> int:
-        return self.tokens.shape[1] - 1
-
-
-def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """A 63-bit generator seed for one request, stable across processes and Python versions."""
-    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def copy_slot_prefix(cache: KVCache, src: torch.Tensor, dst: torch.Tensor, num_tokens: int) -> None:
-    """Copy the first `num_tokens` cached positions of slots src [M] into slots dst [M], every layer."""
-    for k, v in zip(cache.k, cache.v):  # each [num_slots, max_seq_len, Hkv, D]
-        k[dst, :num_tokens] = k[src, :num_tokens]
-        v[dst, :num_tokens] = v[src, :num_tokens]
 
 
 def pad_right(seqs: list[list[int]], pad_id: int = 0) -> torch.Tensor:
@@ -201,11 +75,11 @@ def pad_right(seqs: list[list[int]], pad_id: int = 0) -> torch.Tensor:
     return torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def next_prefill_groups(pending: deque, num_free: int, max_prefill_tokens: int) -> list[list[_Request]]:
+def next_prefill_groups(pending: deque, num_free: int, max_prefill_tokens: int) -> list[list[Request]]:
     """Pop the queue's head requests that fit in `num_free` slots, grouped by prompt (a group shares one
     prefill); stop adding prompts once the padded prefill would exceed `max_prefill_tokens` (the first
     group always goes)."""
-    groups: list[list[_Request]] = []
+    groups: list[list[Request]] = []
     taken, widest = 0, 0
     while pending and taken < num_free:
         head = pending[0]
@@ -241,46 +115,25 @@ class RolloutEngine:
         drafter_feed_capacity: int = 64,  # pending target pairs per slot before plain steps feed the drafter
         cuda_graphs: str = "auto",  # "off" | "eager" | "capture" (see cuda_graphs.py); "auto": capture on CUDA, else off
     ):
-        if not (model.pre_process and model.post_process):
-            raise NotImplementedError("the rollout engine needs the whole model on one rank (no pipeline stages)")
-        cfg = model.cfg
-        window = cfg.max_position_embeddings
-        max_seq_len = window if max_seq_len is None else max_seq_len
-        if not 1 < max_seq_len <= window:
-            raise ValueError(f"max_seq_len must be in [2, {window}] (the model's context window), got {max_seq_len}")
-        param = next(model.parameters())
-        self.model = model
-        self.device = param.device
-        self.hidden_dtype = param.dtype
-        self.max_seq_len = max_seq_len
+        self.model_calls = ModelCalls(
+            model, max_seq_len=max_seq_len, cache_budget_bytes=cache_budget_bytes, max_batch=max_batch, dtype=dtype,
+            cuda_graphs=cuda_graphs,
+        )
+        self.device = self.model_calls.device
+        self.max_seq_len = self.model_calls.max_seq_len
+        self.num_slots = self.model_calls.num_slots  # slots requests can own
         self.return_hidden = return_hidden
         self.max_prefill_tokens = max_prefill_tokens
-        dtype = dtype or param.dtype
-        num_layers = len(model.layers)
-        if max_batch is not None:
-            per_slot = KVCache.bytes_per_slot(cfg, model.tp_size, max_seq_len, dtype, num_layers)
-            cache_budget_bytes = min(cache_budget_bytes, max_batch * per_slot)
-        if cuda_graphs == "auto":
-            cuda_graphs = "capture" if self.device.type == "cuda" else "off"
-        padded = cuda_graphs != "off"  # static shapes pad the batch into one extra slot
-        self.cache = KVCache.from_memory_budget(
-            cfg, model.tp_size, cache_budget_bytes, max_seq_len, dtype, self.device, num_layers, extra_slots=int(padded)
-        )
-        self.num_slots = self.cache.num_slots - int(padded)  # slots requests can own; the last one pads static batches
-        self.static_calls = StaticCalls(cuda_graphs, pad_slot=self.num_slots, device=self.device)
         self.stats = EngineStats()
         self.spec, self.draft_shape, self.selector = spec, None, None
-        self.drafter_state: Optional[DrafterState] = None  # the drafter and its own cache (outside the budget)
+        self.drafter_state: Optional[DrafterState] = None  # what the drafter has been fed, per slot
         if spec != "off":
             arms = self._configure_spec(model, drafter, spec, draft_shape, selector)
             deepest = max(a.depth for a in arms)
             if drafter_feed_capacity < deepest:
                 raise ValueError(f"drafter_feed_capacity={drafter_feed_capacity} must be >= the deepest draft ({deepest})")
-            headroom = drafter_feed_capacity + 1 + max(a.topk * a.depth for a in arms)
-            self.drafter_state = DrafterState(
-                drafter, self.cache.num_slots, max_seq_len, drafter_feed_capacity, headroom, dtype, self.hidden_dtype,
-                self.device, self.static_calls,
-            )
+            self.model_calls.add_drafter(drafter, self.max_seq_len + cache_headroom(arms, drafter_feed_capacity))
+            self.drafter_state = DrafterState(self.model_calls, drafter_feed_capacity)
         self._accepted = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # [slots] drafts accepted
 
     def _configure_spec(self, model, drafter, spec, draft_shape, selector) -> list[DraftShape]:
@@ -302,46 +155,22 @@ class RolloutEngine:
             raise ValueError(f"spec={spec!r} needs a draft shape with {topk}, got {self.draft_shape}")
         return [self.draft_shape]
 
-    # ---- model calls ----
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, S, H] -> fp32 logits [B, S, vocab_size], identical on every TP rank."""
-        return self.model.compute_logits(hidden).float()
-
-    def target_call(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, kv_len: int,
-        tree_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode / verify forward: tokens, positions [B, S] written after start [B] tokens of slots [B],
-        optional tree_mask [B, S, S] -> (hidden [B, S, H], fp32 logits [B, S, vocab_size]). The layers go
-        through `static_calls` (a CUDA graph on GPU); the LM head runs outside: one large matmul gains
-        nothing from a graph, and a graph would keep its [B, S, vocab] output allocated per shape."""
-        def fn(x: dict, kv: int) -> torch.Tensor:
-            cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x.get("tree_mask"))
-            return self.model.hidden_states(x["tokens"], position_ids=x["positions"], cache=cache)
-
-        inputs = dict(tokens=tokens, positions=positions, slots=slots, start=start)
-        if tree_mask is not None:
-            inputs["tree_mask"] = tree_mask
-        hidden = self.static_calls("decode" if tree_mask is None else "verify", fn, inputs, kv_len, self.max_seq_len)
-        return hidden, self._logits(hidden)
-
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Cache all tokens but the last of each prompt in its slot, in one padded call.
 
         Returns [P, H]: the final hidden state at each prompt's second-to-last position (the one that
         predicts its last token), zeros for one-token prompts (nothing to prefill).
         """
-        H = self.model.cfg.hidden_size
-        last_hidden = torch.zeros(len(prompts), H, dtype=self.hidden_dtype, device=self.device)  # [P, H]
+        calls = self.model_calls
+        H = calls.hidden_size
+        last_hidden = torch.zeros(len(prompts), H, dtype=calls.hidden_dtype, device=self.device)  # [P, H]
         rows = [i for i, p in enumerate(prompts) if len(p) > 1]
         if not rows:
             return last_hidden
         tokens = pad_right([prompts[i][:-1] for i in rows]).to(self.device)  # [R, W]
         idx = torch.tensor(rows, device=self.device)
         slot_ids = torch.tensor([slots[i] for i in rows], device=self.device)
-        start = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        cache = CacheBatch(self.cache, slot_ids, start, kv_len=tokens.shape[1])
-        hidden = self.model.hidden_states(tokens, cache=cache)  # [R, W, H]
+        hidden = calls.prefill(tokens, slot_ids)  # [R, W, H]
         if self.drafter_state is not None:
             self.drafter_state.prefill(tokens, hidden, slot_ids)
         ends = torch.tensor([len(prompts[i]) - 2 for i in rows], device=self.device)  # [R]
@@ -353,7 +182,7 @@ class RolloutEngine:
     # ---- decode steps ----
     def plain_step(self, rows: DecodeRows, params: SamplingParams) -> StepOutput:
         """Feed every row's last token, sample one new token per row from the target distribution."""
-        hidden, logits = self.target_call(
+        hidden, logits = self.model_calls.decode(
             rows.last_tokens[:, None], rows.lengths[:, None], rows.slots, rows.lengths, kv_len=max(rows.host_lengths) + 1
         )  # [B, 1, H], [B, 1, V]
         logp = target_logprobs(logits[:, 0], params)  # [B, V]
@@ -366,16 +195,13 @@ class RolloutEngine:
         )
 
     def spec_step(self, rows: DecodeRows, params: SamplingParams, draft_shape: DraftShape) -> StepOutput:
-        """Speculative step: feed the drafter its pending pairs and the roots, draft `draft_shape` (it must fit
-        every row's context: see `feasible_shape`), verify all drafts in one target forward. Returns per row
-        the accepted drafts and the correction/bonus token, with the target's logprobs and hidden states."""
-        g_root = self.drafter_state.feed(rows, with_root=True)  # [B, H]
-        tree = draft_tree(self.drafter_state, rows, params, draft_shape, g_root)
-        result, hidden = verify_tree(self.target_call, self.cache, rows, params, tree)  # hidden: [B, D+1, H]
-        self._accepted[rows.slots] += result.accept_lens
+        """Speculative step (`spec.drafting.speculative_step`): the accepted drafts of `draft_shape` and the
+        correction/bonus token per row, with the target's logprobs and hidden states."""
+        out = speculative_step(self.drafter_state, rows, params, draft_shape)
+        self._accepted[rows.slots] += out.num_new - 1  # all but the last token are accepted drafts
         for r in rows.requests:
             r.spec_steps += 1
-        return StepOutput(result.tokens, result.logprobs, hidden, result.accept_lens + 1, draft_shape)
+        return out
 
     def step(self, rows: DecodeRows, params: SamplingParams) -> StepOutput:
         """One decode step over the live rows: speculative with the shape `spec` picks for it, else plain."""
@@ -413,20 +239,20 @@ class RolloutEngine:
         t0 = time.perf_counter()
         self.stats = EngineStats()
         results: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
-        pending: deque[_Request] = deque()
+        pending: deque[Request] = deque()
         for i, prompt in enumerate(prompts):
             room = self.max_seq_len - len(prompt)
             for j in range(params.n):
                 if room < 1:
                     results[i][j] = Completion([], [], "prompt_too_long", stats={"prompt_tokens": len(prompt)})
                     continue
-                gen = torch.Generator(device=self.device).manual_seed(request_seed(params.seed, seed_ids[i], j))
-                pending.append(_Request(i, j, prompt, min(params.max_new_tokens, room), gen))
+                gen = request_generator(params.seed, seed_ids[i], j, self.device)
+                pending.append(Request(i, j, prompt, min(params.max_new_tokens, room), gen))
 
         buffers = self._output_buffers(params.max_new_tokens)
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=self.device)
         free_slots = list(range(self.num_slots))
-        rows = self._empty_rows()
+        rows = DecodeRows.empty(self.model_calls.hidden_size, self.model_calls.hidden_dtype, self.device)
         steps_done = 0
         while pending or len(rows):
             if pending and free_slots:
@@ -455,42 +281,26 @@ class RolloutEngine:
     def _account_step(self, rows: DecodeRows, out: StepOutput, new_lengths: list[int], step_s: float) -> None:
         """Count the step's kind per batch bucket; reward the selector with committed tokens per wall second
         (the step's time ends after the per-step sync, so on GPU it is the device's time too)."""
-        counts = self.stats.arms_by_bucket.setdefault(batch_bucket(len(rows)), {})
+        counts = self.stats.arms_by_bucket.setdefault(next_power_of_two(len(rows)), {})
         name = arm_name(out.draft_shape)
         counts[name] = counts.get(name, 0) + 1
         self.stats.spec_steps += out.draft_shape is not None
         if self.selector is not None:
-            if self.model.tp_size > 1:  # every TP rank must pick the same shapes: they share one measurement
-                step_time = torch.tensor([step_s], dtype=torch.float64, device=self.device)
-                torch.distributed.all_reduce(step_time, op=torch.distributed.ReduceOp.MAX, group=self.model.tp_group)
-                step_s = step_time.item()
+            step_s = self.model_calls.tp_max(step_s)  # every TP rank must pick the same shapes: they share one measurement
             self.selector.update(len(rows), out.draft_shape, sum(new_lengths) - sum(rows.host_lengths), step_s)
 
     def _check_prompts(self, prompts: list[list[int]]) -> None:
-        vocab = self.model.cfg.vocab_size
+        vocab = self.model_calls.vocab_size
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): min {min(p)}, max {max(p)}")
 
-    def _output_buffers(self, max_new_tokens: int) -> _Outputs:
-        shape = (self.num_slots, max_new_tokens + 1)
-        hidden = None
-        if self.return_hidden:
-            hidden = torch.zeros(*shape, self.model.cfg.hidden_size, dtype=self.hidden_dtype, device=self.device)
-        return _Outputs(
-            torch.zeros(shape, dtype=torch.long, device=self.device),
-            torch.zeros(shape, dtype=torch.float32, device=self.device),
-            hidden,
-        )
-
-    def _empty_rows(self) -> DecodeRows:
-        def empty(*shape, dtype=torch.long):
-            return torch.zeros(shape, dtype=dtype, device=self.device)
-
-        hidden = empty(0, self.model.cfg.hidden_size, dtype=self.hidden_dtype)
-        return DecodeRows(empty(0), empty(0), empty(0), hidden, empty(0), empty(0), [], [])
+    def _output_buffers(self, max_new_tokens: int) -> OutputBuffers:
+        calls = self.model_calls
+        hidden_size = calls.hidden_size if self.return_hidden else None
+        return OutputBuffers.allocate(self.num_slots, max_new_tokens, hidden_size, calls.hidden_dtype, self.device)
 
     def _admit(self, pending: deque, free_slots: list[int], steps_done: int) -> DecodeRows:
         """Move queued requests into free slots: one prefill per prompt group, K/V copied to its siblings."""
@@ -503,9 +313,7 @@ class RolloutEngine:
         siblings = [(g[0].slot, r.slot) for g in groups for r in g[1:]]
         if siblings:
             src, dst = (torch.tensor(s, device=self.device) for s in zip(*siblings))
-            copy_slot_prefix(self.cache, src, dst, max(len(g[0].prompt) - 1 for g in groups))
-            if self.drafter_state is not None:
-                copy_slot_prefix(self.drafter_state.cache, src, dst, max(0, *(len(g[0].prompt) - 2 for g in groups)))
+            self.model_calls.copy_prefix(src, dst, max(len(g[0].prompt) - 1 for g in groups))
             for g in groups:
                 for r in g[1:]:
                     r.shared_prefill = True
@@ -513,23 +321,9 @@ class RolloutEngine:
             self.drafter_state.admit([r.slot for r in requests], [len(r.prompt) for r in requests])
         self._accepted[torch.tensor([r.slot for r in requests], device=self.device)] = 0
         group_of_row = torch.tensor([gi for gi, g in enumerate(groups) for _ in g], device=self.device)
+        return DecodeRows.admitted(requests, group_hidden[group_of_row])
 
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        lengths = [len(r.prompt) - 1 for r in requests]
-        return DecodeRows(
-            slots=tensor([r.slot for r in requests]),
-            lengths=tensor(lengths),
-            last_tokens=tensor([r.prompt[-1] for r in requests]),
-            last_hidden=group_hidden[group_of_row],
-            num_generated=torch.zeros(len(requests), dtype=torch.long, device=self.device),
-            max_new=tensor([r.max_new for r in requests]),
-            requests=requests,
-            host_lengths=lengths,
-        )
-
-    def _commit(self, rows: DecodeRows, out: StepOutput, stop_ids: torch.Tensor, buffers: _Outputs) -> torch.Tensor:
+    def _commit(self, rows: DecodeRows, out: StepOutput, stop_ids: torch.Tensor, buffers: OutputBuffers) -> torch.Tensor:
         """Apply a step's output in place: cut at the first stop token and at each row's length limit,
         write the kept tokens to the output buffers, advance the row state. Returns stopped [B] bool."""
         B, T = out.tokens.shape
@@ -553,8 +347,8 @@ class RolloutEngine:
         return first_stop < num_new
 
     def _collect(
-        self, rows: DecodeRows, finished: list[int], synced: list[list[int]], buffers: _Outputs, steps_done: int
-    ) -> list[tuple[_Request, Completion]]:
+        self, rows: DecodeRows, finished: list[int], synced: list[list[int]], buffers: OutputBuffers, steps_done: int
+    ) -> list[tuple[Request, Completion]]:
         """Copy the finished rows' outputs to the host (one transfer per buffer) and build their Completions."""
         slots = rows.slots[torch.tensor(finished, device=self.device)]  # [F]
         tokens, logprobs = buffers.tokens[slots].tolist(), buffers.logprobs[slots].tolist()

@@ -4,13 +4,16 @@ Why: speculative decoding is lossless only if it reproduces *the* distribution p
 from, so that distribution is one standalone function, `target_logprobs`, used by the plain decode
 step, by speculative verification at every drafted position, and for the per-token logprobs a rollout
 returns. `sample` draws from any such log-distribution with an exponential race (Gumbel-max), which
-needs no cumulative sums, no host sync, and is deterministic for given generators.
+needs no cumulative sums, no host sync, and is deterministic for given generators. Each request (one
+sample of one prompt) draws from its own generator, `request_generator`, seeded by name, so its draws do
+not depend on which other requests share its batch, process or DP rank.
 
 How to use:
 
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=512, seed=0).validate()
     logp = target_logprobs(logits, params)            # logits [B, V] -> log-probs [B, V]
-    tokens = sample(logp, generators)                 # [B]; one torch.Generator, or one per row
+    generators = [request_generator(params.seed, prompt_id, j, device) for j in range(B)]  # or one generator
+    tokens = sample(logp, generators)                 # [B]
     token_logprobs = logp.gather(-1, tokens[:, None])  # [B, 1]
 """
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
+
+from megatron_tlt.seeds import derive_seed
 
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
 
@@ -53,6 +58,12 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {list(self.stop_token_ids)}")
         return self
+
+
+def request_generator(seed: int, prompt_id: int, sample_index: int, device) -> torch.Generator:
+    """The generator of sample `sample_index` of the prompt named `prompt_id`, seeded with
+    `derive_seed(seed, prompt_id, sample_index)` (the same in every process and on every rank)."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, prompt_id, sample_index))
 
 
 def _top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:

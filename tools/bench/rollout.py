@@ -195,7 +195,7 @@ def gpu_section(models, prompts_for, results_by_batch, max_seq_len: int, args) -
     short, long = 16, min(args.max_new_tokens, max_seq_len - len(prompt))
     step_s = decode_step_s(engine, prompt, short, long, args.iters)
     cfg = models.policy.cfg
-    kv_bytes_per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.cache.k[0].element_size()
+    kv_bytes_per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.model_calls.cache.k[0].element_size()
     context = len(prompt) + (short + long) / 2  # mean cached length over the measured steps
     bytes_per_token = weight_bytes_per_token(models.policy) + kv_bytes_per_position * context
     achieved = bytes_per_token / step_s

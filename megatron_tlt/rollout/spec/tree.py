@@ -1,10 +1,10 @@
-"""Speculative-decoding maths: EAGLE-2 draft trees, lossless verification, KV compaction.
+"""Speculative-decoding maths: EAGLE-2 draft trees, lossless verification, which K/V to keep.
 
 What: pure tensor functions, batched over B rows and free of model calls and host syncs, that
 (1) grow a draft tree level by level from a drafter's next-token log-probs and keep the best N nodes
 (`TreeBuilder`), (2) verify a chain or tree against the target distributions so that the emitted
 tokens are distributed exactly as plain sampling from the target (`verify`), and (3) say which
-verified positions to keep in the KV cache and move them into place (`kv_keep_index`, `compact_kv`).
+verified positions to keep in the KV cache (`kv_keep_index`; `models.kv_cache.KVCache.compact` moves them).
 
 Why: TLT speeds up the long tail of RL rollouts with speculative decoding. RL trains on the rollout
 tokens and their logprobs as if plain decoding had produced them, so verification must be lossless,
@@ -20,7 +20,7 @@ How (one decoding round, as the engine runs it):
     tree = builder.finalize(num_nodes=N)
     logp = target_logprobs(verify forward of [root, *tree.tokens], tree_mask, positions)  # [B, 1+N, V]
     result = verify(tree, logp, generator)
-    compact_kv(cache, slots, start, kv_keep_index(result))
+    cache.compact(slots, start, kv_keep_index(result))
 
 Conventions: the root is the last committed token; its KV is not yet in the cache, so the verify
 forward writes the root at cache position `start` and node i at `start + 1 + i` ("verify row 1+i").
@@ -45,7 +45,6 @@ from typing import Optional
 
 import torch
 
-from megatron_tlt.models.kv_cache import KVCache
 from megatron_tlt.rollout.sampling import Generators, exponential_noise, sample
 
 
@@ -339,23 +338,9 @@ def kv_keep_index(result: VerifyResult) -> torch.Tensor:
     """[B, 1+D] verify rows to keep, in commit order: the root, then the accepted path; entry j past
     accept_lens is j itself (a no-op copy), so the shape stays fixed. The same index gathers the verify
     forward's target hidden states [B, 1+N, H] for the drafter; entry accept_lens is the row whose
-    distribution produced the correction/bonus token."""
+    distribution produced the correction/bonus token. `KVCache.compact(slots, start, index)` with it leaves
+    start + 1 + accept_lens committed tokens in each row."""
     B, D = result.accepted_nodes.shape
     slot = torch.arange(1 + D, device=result.accept_lens.device)  # [1+D]
     path_rows = torch.cat([result.accepted_nodes.new_zeros(B, 1), 1 + result.accepted_nodes], dim=1)  # [B, 1+D]
     return torch.where(slot <= result.accept_lens.unsqueeze(1), path_rows, slot)
-
-
-def compact_kv(cache: KVCache, slots: torch.Tensor, start: torch.Tensor, keep_index: torch.Tensor) -> None:
-    """Move the kept verify entries of every layer to contiguous positions, in place.
-
-    slots, start: [B] as in the verify forward's CacheBatch; keep_index: [B, K] from `kv_keep_index`.
-    Entry start + j <- entry start + keep_index[:, j]; afterwards a row holds start + 1 + accept_lens
-    committed tokens. Sources are gathered before anything is written, so overlaps are safe.
-    """
-    offsets = torch.arange(keep_index.shape[1], device=start.device)  # [K]
-    dst = start.unsqueeze(1) + offsets  # [B, K]
-    src = start.unsqueeze(1) + keep_index  # [B, K]
-    row = slots.unsqueeze(1).expand_as(dst)  # [B, K]
-    for buf in (*cache.k, *cache.v):  # each [num_slots, max_seq_len, Hkv, D]
-        buf[row, dst] = buf[row, src]

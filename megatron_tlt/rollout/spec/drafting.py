@@ -3,8 +3,9 @@
 What: `DrafterState` keeps an EAGLE drafter (`drafter.model.Drafter`) in step with every live request
 without ever re-prefilling the target; `draft_tree` grows a chain or an EAGLE-2 tree from it;
 `verify_tree` checks the whole tree in one target forward over the KV cache and keeps the accepted
-K/V. The engine's `spec_step` strings them together (see `engine.py`); the maths (tree building,
-lossless acceptance, KV compaction) live in `speculative.py`.
+K/V; `speculative_step` strings them together into one decode step, the engine's `spec_step`. The
+maths (tree building, lossless acceptance, which K/V to keep) live in `tree.py`; every model call goes
+through `model_calls.ModelCalls`, which also holds the drafter's KV cache.
 
 Drafter alignment (see `drafter/model.py`): drafter position t consumes (x_{t+1}, f_t), f_t being
 the target's final hidden state at position t. A row with L cached target tokens has the root
@@ -31,58 +32,48 @@ not its cousins, so the level's `new_mask` is [B, K, E+K] (`TreeBuilder`'s `fed_
 new frontier): `cache_attention_mask` applies its first E columns to the E entries before `start`.
 One drafter token per node, nothing re-fed.
 
-Cache layout: the drafter's cache has `headroom` extra positions past max_seq_len, where right
+Cache layout: the drafter's cache has `cache_headroom` extra positions past max_seq_len, where right
 padding of a feed and the draft levels may write beyond a row's end without bounds checks.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from megatron_tlt.models.kv_cache import CacheBatch
 from megatron_tlt.rollout.sampling import SamplingParams, target_logprobs
-from megatron_tlt.rollout.selector import DraftShape
-from megatron_tlt.rollout.speculative import DraftTree, TreeBuilder, VerifyResult, compact_kv, kv_keep_index, verify
+from megatron_tlt.rollout.spec.selector import DraftShape
+from megatron_tlt.rollout.spec.tree import DraftTree, TreeBuilder, VerifyResult, kv_keep_index, verify
+from megatron_tlt.rollout.types import DecodeRows, StepOutput
 
 if TYPE_CHECKING:
-    from megatron_tlt.drafter.model import Drafter
-    from megatron_tlt.rollout.cuda_graphs import StaticCalls
-    from megatron_tlt.models.kv_cache import KVCache
-    from megatron_tlt.rollout.engine import DecodeRows, StepOutput
+    from megatron_tlt.rollout.model_calls import ModelCalls
+
+
+def cache_headroom(shapes: Sequence[DraftShape], capacity: int) -> int:
+    """Drafter-cache positions past max_seq_len (see the module docstring) for drafts of `shapes` and
+    `capacity` pending pairs per slot."""
+    return capacity + 1 + max(s.topk * s.depth for s in shapes)
 
 
 class DrafterState:
-    """The drafter's KV cache and, per slot, how far it has been fed and the target pairs it has not seen."""
+    """Per slot, how far the drafter has been fed and the target pairs it has not seen (its KV cache is
+    `calls.drafter_cache`)."""
 
-    def __init__(
-        self,
-        drafter: "Drafter",
-        num_slots: int,
-        max_seq_len: int,
-        capacity: int,  # pending pairs per slot
-        headroom: int,  # cache positions past max_seq_len (see the module docstring)
-        dtype: torch.dtype,  # of the drafter's KV cache
-        hidden_dtype: torch.dtype,  # of the buffered target hidden states
-        device,
-        static_calls: "StaticCalls",  # runs the draft levels (CUDA graphs on GPU)
-    ):
+    def __init__(self, calls: "ModelCalls", capacity: int):  # capacity: pending pairs per slot
         if capacity < 1:
             raise ValueError(f"the drafter feed capacity must be >= 1, got {capacity}")
-        self.drafter = drafter
+        self.calls = calls
         self.capacity = capacity
-        self.static_calls = static_calls
-        self.cache_len = max_seq_len + headroom
-        self.cache = drafter.new_cache(num_slots, self.cache_len, dtype, device)
-        H = drafter.cfg.hidden_size
+        num_slots, H, device = calls.cache.num_slots, calls.hidden_size, calls.device
         # Pending pairs (x_{t+1}, f_t) for positions fed .. L-2 of each slot, at index t - fed; the last
         # column absorbs ignored writes.
         self.tokens = torch.zeros(num_slots, capacity + 1, dtype=torch.long, device=device)  # [slots, C+1]
-        self.hidden = torch.zeros(num_slots, capacity + 1, H, dtype=hidden_dtype, device=device)  # [slots, C+1, H]
+        self.hidden = torch.zeros(num_slots, capacity + 1, H, dtype=calls.hidden_dtype, device=device)  # [slots, C+1, H]
         self.fed = torch.zeros(num_slots, dtype=torch.long, device=device)  # [slots] drafter positions cached
         self.host_fed = [0] * num_slots
 
-    def pending(self, rows: "DecodeRows") -> list[int]:
+    def pending(self, rows: DecodeRows) -> list[int]:
         """Pending pairs per row (host ints, no sync); -1 for a row whose root has no target hidden yet."""
         return [n - 1 - self.host_fed[r.slot] for n, r in zip(rows.host_lengths, rows.requests)]
 
@@ -99,11 +90,9 @@ class DrafterState:
         width = tokens.shape[1] - 1
         if width == 0:
             return
-        positions = torch.arange(width, device=tokens.device).expand(tokens.shape[0], -1)  # [R, W-1]
-        start = torch.zeros_like(slots)
-        self.drafter(tokens[:, 1:], hidden[:, :-1], positions, cache=CacheBatch(self.cache, slots, start, kv_len=width))
+        self.calls.drafter_feed(tokens[:, 1:], hidden[:, :-1], slots, torch.zeros_like(slots), kv_len=width)
 
-    def record(self, rows: "DecodeRows", out: "StepOutput") -> None:
+    def record(self, rows: DecodeRows, out: StepOutput) -> None:
         """After a step over `rows` (state before its commit): buffer the pairs it made pending. Entry j of
         [old root, out tokens...] is the pair of position L-1+j; it is pending if that position is not fed
         yet and below the new root (j < num_new)."""
@@ -117,25 +106,12 @@ class DrafterState:
         self.tokens[slot_rows, index] = tokens.clamp(min=0)  # -1 (not emitted) goes to scratch, which feeds read as padding
         self.hidden[slot_rows, index] = hidden.to(self.hidden.dtype)
 
-    def flush_if_full(self, rows: "DecodeRows") -> None:
+    def flush_if_full(self, rows: DecodeRows) -> None:
         """Before a plain step (which adds one pending pair per row): feed the drafter if a buffer is full."""
         if max(self.pending(rows), default=0) >= self.capacity:
             self.feed(rows, with_root=False)
 
-    def level(
-        self, tokens: torch.Tensor, parent_g: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-        start: torch.Tensor, kv_len: int, visible: torch.Tensor,
-    ) -> torch.Tensor:
-        """One draft level through `static_calls`: tokens, positions [B, K], parent_g [B, K, H], cached after
-        start [B] entries of slots [B], visible [B, K, E+K] (see `draft_tree`) -> drafter outputs [B, K, H]."""
-        def fn(x: dict, kv: int) -> torch.Tensor:
-            cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x["visible"])
-            return self.drafter(x["tokens"], x["parent_g"], x["positions"], cache=cache)
-
-        inputs = dict(tokens=tokens, parent_g=parent_g, positions=positions, slots=slots, start=start, visible=visible)
-        return self.static_calls("draft", fn, inputs, kv_len, self.cache_len)
-
-    def feed(self, rows: "DecodeRows", with_root: bool) -> Optional[torch.Tensor]:
+    def feed(self, rows: DecodeRows, with_root: bool) -> Optional[torch.Tensor]:
         """Run the drafter over every row's pending pairs (then its root, with_root) in one right-padded call.
         Returns the drafter output at the root [B, H] with_root (it predicts the token after the root)."""
         counts = [max(c, 0) for c in self.pending(rows)]
@@ -150,9 +126,8 @@ class DrafterState:
             tokens[batch, at] = rows.last_tokens
             hidden[batch, at] = rows.last_hidden.to(hidden.dtype)
         start = self.fed[rows.slots]  # [B]
-        positions = start[:, None] + torch.arange(width, device=tokens.device)  # [B, W]
         kv_len = max(self.host_fed[r.slot] for r in rows.requests) + width
-        out = self.drafter(tokens, hidden, positions, cache=CacheBatch(self.cache, rows.slots, start, kv_len))  # [B, W, H]
+        out = self.calls.drafter_feed(tokens, hidden, rows.slots, start, kv_len)  # [B, W, H]
         self.fed[rows.slots] = torch.maximum(start, rows.lengths - 1 + int(with_root))
         for n, r in zip(rows.host_lengths, rows.requests):
             self.host_fed[r.slot] = max(self.host_fed[r.slot], n - 1 + int(with_root))
@@ -168,17 +143,27 @@ def feasible_shape(shape: DraftShape, host_lengths: list[int], max_seq_len: int)
     return shape.shrink(max_seq_len - 1 - max(host_lengths))
 
 
-def _level_logprobs(drafter: "Drafter", g: torch.Tensor, params: SamplingParams, shape: DraftShape) -> torch.Tensor:
+def speculative_step(state: DrafterState, rows: DecodeRows, params: SamplingParams, shape: DraftShape) -> StepOutput:
+    """Feed the drafter its pending pairs and the roots, draft `shape` (it must fit every row's context: see
+    `feasible_shape`), verify all drafts in one target forward. Returns per row the accepted drafts and
+    the correction/bonus token, with the target's logprobs and hidden states."""
+    g_root = state.feed(rows, with_root=True)  # [B, H]
+    tree = draft_tree(state, rows, params, shape, g_root)
+    result, hidden = verify_tree(state.calls, rows, params, tree)  # hidden: [B, D+1, H]
+    return StepOutput(result.tokens, result.logprobs, hidden, result.accept_lens + 1, shape)
+
+
+def _level_logprobs(calls: "ModelCalls", g: torch.Tensor, params: SamplingParams, shape: DraftShape) -> torch.Tensor:
     """Drafter outputs g [B, M, H] -> [B, M, V] the distributions to draft from: for a sampled chain the
     target's warping of the drafter's logits (greedy: one-hot), for a tree the plain log-softmax (its scores)."""
-    logits = drafter.compute_logits(g).float()  # [B, M, V]
+    logits = calls.draft_logits(g)  # [B, M, V]
     if not shape.is_chain:
         return logits.log_softmax(dim=-1)
     return target_logprobs(logits.flatten(0, 1), params).view_as(logits)
 
 
 def draft_tree(
-    state: DrafterState, rows: "DecodeRows", params: SamplingParams, shape: DraftShape, g_root: torch.Tensor
+    state: DrafterState, rows: DecodeRows, params: SamplingParams, shape: DraftShape, g_root: torch.Tensor
 ) -> DraftTree:
     """Grow `shape` from each row's root, whose drafter output is g_root [B, H] (from `state.feed`).
 
@@ -186,10 +171,10 @@ def draft_tree(
     input, cached after the E nodes of the earlier levels (cache positions L+E ..), seeing the
     committed entries, their ancestors and themselves.
     """
-    drafter = state.drafter
+    calls = state.calls
     builder = TreeBuilder(1, generator=rows.generators) if shape.is_chain else TreeBuilder(shape.topk)
     g = g_root[:, None]  # [B, M=1, H] drafter outputs of the last level
-    frontier = builder.expand(_level_logprobs(drafter, g, params, shape))
+    frontier = builder.expand(_level_logprobs(calls, g, params, shape))
     fed = 0  # E: draft nodes cached so far
     for depth in range(1, shape.depth):
         B, K = frontier.tokens.shape
@@ -197,18 +182,17 @@ def draft_tree(
         positions = (rows.lengths - 1 + depth)[:, None].expand(B, K)  # [B, K]
         visible = frontier.fed_mask[:, fed:]  # [B, K, E+K]: ancestors among the cached draft nodes, and itself
         kv_len = max(rows.host_lengths) + fed + K
-        g = state.level(frontier.tokens, parent_g, positions, rows.slots, rows.lengths + fed, kv_len, visible)  # [B, K, H]
+        g = calls.draft_level(frontier.tokens, parent_g, positions, rows.slots, rows.lengths + fed, kv_len, visible)  # [B, K, H]
         fed += K
-        frontier = builder.expand(_level_logprobs(drafter, g, params, shape))
+        frontier = builder.expand(_level_logprobs(calls, g, params, shape))
     return builder.finalize(shape.num_verify)
 
 
 def verify_tree(
-    target_call, cache: "KVCache", rows: "DecodeRows", params: SamplingParams, tree: DraftTree
+    calls: "ModelCalls", rows: DecodeRows, params: SamplingParams, tree: DraftTree
 ) -> tuple[VerifyResult, torch.Tensor]:
     """One target forward over [root, nodes] with the tree mask (positions L + depth), lossless
-    verification, and the accepted K/V moved next to the committed ones. `target_call` is the engine's
-    (`RolloutEngine.target_call`: the target forward plus logits, a CUDA graph on GPU).
+    verification, and the accepted K/V moved next to the committed ones.
 
     Returns the VerifyResult and hidden [B, D+1, H]: the target's final hidden state at the position
     that produced each emitted token (the root, then each accepted node).
@@ -217,9 +201,9 @@ def verify_tree(
     tokens = torch.cat([rows.last_tokens[:, None], tree.tokens], dim=1)  # [B, 1+N]
     positions = rows.lengths[:, None] + tree.position_offsets  # [B, 1+N]
     kv_len = max(rows.host_lengths) + 1 + N
-    hidden, logits = target_call(tokens, positions, rows.slots, rows.lengths, kv_len, tree.tree_mask)  # [B, 1+N, H], [B, 1+N, V]
+    hidden, logits = calls.verify(tokens, positions, rows.slots, rows.lengths, kv_len, tree.tree_mask)  # [B, 1+N, H], [B, 1+N, V]
     logp = target_logprobs(logits.flatten(0, 1), params).view_as(logits)
     result = verify(tree, logp, rows.generators)
     keep = kv_keep_index(result)  # [B, D+1]
-    compact_kv(cache, rows.slots, rows.lengths, keep)
+    calls.keep_verified(rows.slots, rows.lengths, keep)
     return result, hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -3,9 +3,9 @@
 Why: speculative decoding pays off only while the live batch is small (the long tail of a rollout);
 at large batches the verify forward's extra tokens cost more than the accepted drafts save, and the
 best draft shape depends on the batch size, the drafter's current quality and the hardware. TLT picks
-it online with a bandit: per bucket of live batch size, epsilon-greedy over arms (draft shapes and
-"off") on the committed tokens per second of each arm's last `window` steps. The window forgets a
-drafter that got worse.
+it online with a bandit: per bucket of live batch size (the next power of two: the batch a static call
+pads to, see cuda_graphs.py), epsilon-greedy over arms (draft shapes and "off") on the committed tokens
+per second of each arm's last `window` steps. The window forgets a drafter that got worse.
 
 The statistic is the window's throughput (its tokens over its seconds), not TLT's median of per-step
 rates: at a live batch of one or two a speculative step commits 1 token (all drafts rejected) or
@@ -30,6 +30,8 @@ import random
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from typing import Optional, Sequence
+
+from megatron_tlt.rollout.cuda_graphs import next_power_of_two
 
 OFF = "off"  # name of the "no speculative decoding" arm
 
@@ -84,11 +86,6 @@ def arm_name(shape: Optional[DraftShape]) -> str:
     return OFF if shape is None else shape.name
 
 
-def batch_bucket(batch_size: int) -> int:
-    """The power of two >= batch_size: 1, 2, 4, 8, ..."""
-    return 1 << max(batch_size - 1, 0).bit_length()
-
-
 class DraftSelector:
     """Bucketed epsilon-greedy bandit over draft shapes and "off" (None)."""
 
@@ -122,7 +119,7 @@ class DraftSelector:
         """The arm for a step over `batch_size` live rows: while some arm of its bucket has fewer than
         `min_samples` rewards, the least tried (one noisy first step must not rule an arm out); then a
         random arm with probability epsilon, else the best window throughput."""
-        bucket = batch_bucket(batch_size)
+        bucket = next_power_of_two(batch_size)
         if batch_size > self.max_spec_batch:
             arm = None
         else:
@@ -138,7 +135,7 @@ class DraftSelector:
 
     def update(self, batch_size: int, arm: Optional[DraftShape], tokens: int, seconds: float) -> None:
         """Record a step that ran `arm` (what actually ran) and committed `tokens` in `seconds` of wall time."""
-        self._window(batch_bucket(batch_size), arm).append((tokens, seconds))
+        self._window(next_power_of_two(batch_size), arm).append((tokens, seconds))
 
     def _throughput(self, bucket: int, arm: Optional[DraftShape]) -> float:
         steps = self._window(bucket, arm)
