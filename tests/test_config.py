@@ -1,10 +1,15 @@
-"""Strict configs: unknown keys and wrong types name the key (and the closest valid one); presets load."""
+"""Strict configs: unknown keys and wrong types name the key (and the closest valid one); every enumerated
+field is checked at load time against names defined in config/, which match the registries that implement
+them; presets load; model.attention_backend reaches the packed attention and stays out of HF configs."""
+import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
 
 from megatron_tlt.cli import main
 from megatron_tlt.config import ConfigError, load_config
+from megatron_tlt.config import schema
 
 PRESETS = sorted((Path(__file__).parent.parent / "examples" / "configs").glob("*.yaml"))
 
@@ -24,11 +29,96 @@ def test_overrides_are_typed():
     ("rollout.spec=fast", "rollout.spec='fast'"),
     ("rollout.cuda_graphs=fast", "rollout.cuda_graphs='fast'"),
     ("model.num_layers", "not of the form key=value"),
+    ("parallel.seed=1", "unknown config key 'parallel.seed'"),  # removed: it was never read (run.seed is)
 ])
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.advantage=ppo", "algo.advantage='ppo' is not supported; supported: grpo, drgrpo, rloo, reinforce_pp"),
+    ("algo.aggregation=mean", "algo.aggregation='mean' is not supported; supported: token_mean, seq_mean_token_mean, "
+                              "seq_mean_token_sum_norm"),
+    ("algo.overlong=truncate", "algo.overlong='truncate' is not supported; supported: none, mask, penalty"),
+    ("algo.dual_clip=1.0", "algo.dual_clip=1.0 is not supported; supported: a number > 1"),
+    ("reward.fns=[{name: maths}]", "reward.fns[].name='maths' is not supported; supported: math, countdown, format or an import path"),
+    ("reward.fns=[{name: 'my pkg:fn'}]", "reward.fns[].name='my pkg:fn' is not supported"),
+    ("data.task=algebra", "data.task='algebra' is not supported; supported: arithmetic, countdown"),
+    ("data.task_args={max_term: 3}", "data.task_args.max_term is not an argument of task 'arithmetic'; supported: max_terms, max_value"),
+    ("model.attention_backend=flash", "model.attention_backend='flash' is not supported; supported: auto, flash_attn, "
+                                      "torch_varlen, sdpa_segments"),
+    ("model.rope_scaling={rope_type: yarn}", "model.rope_scaling.rope_type='yarn' is not supported; supported: llama3"),
+    ("model.params_dtype=fp8", "model.params_dtype='fp8' is not supported; supported: float32, bfloat16, float16"),
+    ("parallel.backend=mpi", "parallel.backend='mpi' is not supported; supported: auto, nccl, gloo"),
+])
+def test_enumerated_values_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_valid_enumerated_values_load():
+    cfg = load_config(None, [
+        "algo.advantage=reinforce_pp", "algo.aggregation=seq_mean_token_sum_norm", "algo.overlong=penalty", "algo.dual_clip=3",
+        "reward.fns=[{name: format}, {name: 'my_pkg.rewards:score'}, {name: my_pkg.rewards.score}]",
+        "data.task=countdown", "data.task_args={max_numbers: 4}", "model.attention_backend=sdpa_segments",
+    ])
+    assert (cfg.algo.advantage, cfg.algo.aggregation, cfg.algo.overlong, cfg.algo.dual_clip) == (
+        "reinforce_pp", "seq_mean_token_sum_norm", "penalty", 3.0)
+    assert [f.name for f in cfg.reward.fns] == ["format", "my_pkg.rewards:score", "my_pkg.rewards.score"]
+    assert cfg.model.attention_backend == "sdpa_segments" and cfg.data.task_args == {"max_numbers": 4}
+    assert load_config(None, ["data.task=null", "data.path=x.jsonl"]).data.task is None
+    assert load_config(None).algo.dual_clip is None  # off by default
+
+
+def test_enumerated_names_match_their_registries():
+    """config/ cannot import the packages that implement its names, so this keeps the two lists equal."""
+    from megatron_tlt.data.synthetic import TASKS
+    from megatron_tlt.ops.attention import BACKENDS
+    from megatron_tlt.rl.algorithms import ADVANTAGES, AGGREGATIONS
+    from megatron_tlt.rl.rewards import BUILTIN_REWARDS
+    from megatron_tlt.rollout import SPEC_MODES
+    from megatron_tlt.rollout.cuda_graphs import GRAPH_MODES
+
+    assert sorted(schema.ADVANTAGE_ESTIMATORS) == sorted(ADVANTAGES)
+    assert sorted(schema.LOSS_AGGREGATIONS) == sorted(AGGREGATIONS)
+    assert sorted(schema.BUILTIN_REWARDS) == sorted(BUILTIN_REWARDS)
+    assert sorted(schema.SPEC_MODES) == sorted(SPEC_MODES)
+    assert sorted(schema.CUDA_GRAPH_MODES) == sorted(("auto", *GRAPH_MODES))
+    assert sorted(schema.ATTENTION_BACKENDS) == sorted(("auto", *BACKENDS))
+    assert sorted(schema.SYNTHETIC_TASKS) == sorted(TASKS)
+    for name, fn in TASKS.items():  # the task_args each generator takes after (n, seed)
+        assert schema.SYNTHETIC_TASKS[name] == tuple(inspect.signature(fn).parameters)[2:], name
+
+
+def test_attention_backend_reaches_packed_attention(one_thread):
+    import torch
+
+    from megatron_tlt.models.transformer import Policy
+    from megatron_tlt.parallel import init_parallel
+
+    tp_group = init_parallel().tp_group
+    tokens, pos, cu = torch.arange(6)[None], torch.tensor([[0, 1, 2, 0, 1, 2]]), torch.tensor([0, 3, 6])
+    out = {}
+    for backend in ("auto", "sdpa_segments"):
+        torch.manual_seed(0)
+        model = Policy(schema.ModelConfig(attention_backend=backend), tp_group)
+        out[backend] = model(tokens, position_ids=pos, cu_seqlens=cu, max_seqlen=3)
+    assert torch.equal(out["auto"], out["sdpa_segments"])  # auto is sdpa_segments on CPU
+    if importlib.util.find_spec("flash_attn") is None:  # a named backend is used as is, not replaced by auto's choice
+        model = Policy(schema.ModelConfig(attention_backend="flash_attn"), tp_group)
+        with pytest.raises(RuntimeError, match="'flash_attn' needs the flash-attn package"):
+            model(tokens, position_ids=pos, cu_seqlens=cu, max_seqlen=3)
+
+
+def test_hf_conversion_ignores_the_attention_backend():
+    from megatron_tlt.models.hf import hf_config_from_model_config, model_config_from_hf
+
+    hf_config = hf_config_from_model_config(schema.ModelConfig(attention_backend="sdpa_segments"))
+    assert not any("attention_backend" in key or "attn_impl" in key for key in hf_config)
+    assert model_config_from_hf(hf_config) == schema.ModelConfig()  # back to "auto"
 
 
 def test_missing_values_must_be_set(tmp_path):

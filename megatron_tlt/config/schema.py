@@ -1,15 +1,48 @@
 """Typed configuration: nested dataclasses that OmegaConf turns into strict structured configs.
 
-Every field has a comment saying what it is; cross-field checks live in `__post_init__`
-(they run when the dataclass is instantiated with `OmegaConf.to_object`).
+Every field has a comment saying what it is; value and cross-field checks live in `__post_init__`
+(they run when the dataclass is instantiated with `OmegaConf.to_object`, i.e. in `load_config`), so a
+bad value fails when the config is loaded, naming the key and the valid values, not mid-run.
+
+The valid names of every enumerated field are defined here, because config is the lowest layer (it
+imports nothing of rl/, data/, ops/ or rollout/). The registries that implement them
+(`rl.algorithms.ADVANTAGES`, `data.synthetic.TASKS`, `ops.attention.BACKENDS`, ...) are checked
+against these names in tests/test_config.py, so the two cannot drift apart.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("llama3",)  # rope_scaling types; no scaling is rope_scaling: null
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_segments")  # ops.attention.BACKENDS + auto
+PARALLEL_BACKENDS = ("auto", "nccl", "gloo")
+SPEC_MODES = ("off", "chain", "tree", "adaptive")  # rollout.engine.SPEC_MODES
+CUDA_GRAPH_MODES = ("auto", "off", "eager", "capture")  # rollout.cuda_graphs.GRAPH_MODES + auto
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")  # rl.algorithms.ADVANTAGES
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # rl.algorithms.AGGREGATIONS
+OVERLONG_MODES = ("none", "mask", "penalty")
+BUILTIN_REWARDS = ("math", "countdown", "format")  # rl.rewards.BUILTIN_REWARDS
+# data.synthetic.TASKS: task name -> the keyword arguments of its generator (data.task_args)
+SYNTHETIC_TASKS = {
+    "arithmetic": ("max_terms", "max_value"),
+    "countdown": ("min_numbers", "max_numbers", "max_value", "max_result", "max_attempts"),
+}
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*|\.[A-Za-z_]\w*)")  # pkg.mod:fn | pkg.mod.fn
+
+
+def check_choice(key: str, value, choices) -> None:
+    """ValueError naming `key`, the bad value and the valid ones unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not supported; supported: {', '.join(map(str, choices))}")
+
+
+def _yaml_off(value):
+    """YAML 1.1 reads a bare `off` as the boolean false, which OmegaConf hands a str field as 'False'."""
+    return "off" if value in ("False", "false") else value
 
 
 @dataclass
@@ -21,8 +54,7 @@ class RopeScalingConfig:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
-        if self.rope_type != "llama3":
-            raise ValueError(f"rope_scaling.rope_type={self.rope_type!r} is not supported (supported: 'llama3')")
+        check_choice("model.rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
 
 
 @dataclass
@@ -45,12 +77,15 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128  # embedding rows are padded to a multiple of this (TP-independent)
     params_dtype: str = "float32"  # one of DTYPES
     init_std: float = 0.02  # std of the normal init for a freshly built model
+    # Packed (training) attention kernel, one of ATTENTION_BACKENDS: auto = flash_attn on CUDA with the
+    # flash-attn package, else torch_varlen on CUDA, else sdpa_segments (CPU). A runtime choice like
+    # megatron-core's TransformerConfig.attention_backend: the HF conversion ignores it.
+    attention_backend: str = "auto"
 
     def __post_init__(self):
-        if self.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"model.arch={self.arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
-        if self.params_dtype not in DTYPES:
-            raise ValueError(f"model.params_dtype={self.params_dtype!r}; expected one of {', '.join(DTYPES)}")
+        check_choice("model.arch", self.arch, SUPPORTED_ARCHS)
+        check_choice("model.params_dtype", self.params_dtype, DTYPES)
+        check_choice("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError("model.hidden_size must be divisible by model.num_attention_heads when head_dim is unset")
@@ -70,19 +105,17 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1  # only 1 is implemented today; stages cut between layer groups later
-    seed: int = 1234
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("parallel sizes must be >= 1")
-        if self.backend not in ("auto", "nccl", "gloo"):
-            raise ValueError(f"parallel.backend={self.backend!r}; expected auto, nccl or gloo")
+        check_choice("parallel.backend", self.backend, PARALLEL_BACKENDS)
 
 
 @dataclass
 class DataConfig:
-    task: Optional[str] = "arithmetic"  # built-in synthetic task (megatron_tlt.data.synthetic.TASKS), used when path is unset
+    task: Optional[str] = "arithmetic"  # built-in synthetic task (SYNTHETIC_TASKS), used when path is unset
     task_args: dict[str, int] = field(default_factory=dict)  # keyword arguments of the task's generator, e.g. max_terms
     path: Optional[str] = None  # jsonl / parquet prompt dataset
     prompt_key: str = "prompt"
@@ -92,6 +125,16 @@ class DataConfig:
     num_examples: int = 4096  # size of a synthetic task's training set
     eval_examples: int = 64  # held-out prompts for accuracy (synthetic task, or the file's last rows)
     tokenizer: Optional[str] = None  # tokenizer dir; default: the model dir, or a built-in test tokenizer for fresh models
+
+    def __post_init__(self):
+        if self.task is not None:
+            check_choice("data.task", self.task, tuple(SYNTHETIC_TASKS))
+            unknown = sorted(set(self.task_args) - set(SYNTHETIC_TASKS[self.task]))
+            if unknown:
+                raise ValueError(
+                    f"data.task_args.{unknown[0]} is not an argument of task {self.task!r}; "
+                    f"supported: {', '.join(SYNTHETIC_TASKS[self.task])}"
+                )
 
 
 @dataclass
@@ -107,14 +150,9 @@ class RolloutConfig:
     cuda_graphs: str = "auto"  # auto (capture on GPU) | off | eager (static shapes, no capture) | capture
 
     def __post_init__(self):
-        if self.spec in ("False", "false"):  # YAML reads a bare `off` as a boolean
-            self.spec = "off"
-        if self.spec not in ("off", "chain", "tree", "adaptive"):
-            raise ValueError(f"rollout.spec={self.spec!r}; expected off, chain, tree or adaptive")
-        if self.cuda_graphs in ("False", "false"):
-            self.cuda_graphs = "off"
-        if self.cuda_graphs not in ("auto", "off", "eager", "capture"):
-            raise ValueError(f"rollout.cuda_graphs={self.cuda_graphs!r}; expected auto, off, eager or capture")
+        self.spec, self.cuda_graphs = _yaml_off(self.spec), _yaml_off(self.cuda_graphs)
+        check_choice("rollout.spec", self.spec, SPEC_MODES)
+        check_choice("rollout.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
 
 
 @dataclass
@@ -130,8 +168,15 @@ class DrafterConfig:
 
 @dataclass
 class RewardItem:
-    name: str = "math"  # built-in (math, countdown, format) or a dotted path 'pkg.module:function'
+    name: str = "math"  # built-in (BUILTIN_REWARDS: math, countdown, format) or an import path 'pkg.module:function'
     weight: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in BUILTIN_REWARDS and not _IMPORT_PATH.fullmatch(self.name):
+            raise ValueError(
+                f"reward.fns[].name={self.name!r} is not supported; supported: {', '.join(BUILTIN_REWARDS)} "
+                "or an import path 'pkg.module:function' (or 'pkg.module.function')"
+            )
 
 
 @dataclass
@@ -143,16 +188,24 @@ class RewardConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = "grpo"  # grpo | drgrpo | rloo
+    advantage: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp (ADVANTAGE_ESTIMATORS)
     clip_low: float = 0.2
     clip_high: float = 0.28  # clip-higher (DAPO)
-    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    dual_clip: Optional[float] = None  # > 1 (e.g. 3): caps a negative-advantage token's loss at -A * dual_clip; null = off
+    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (LOSS_AGGREGATIONS)
     kl_coef: float = 0.0  # k3 KL to a frozen copy of the initial policy; 0 = no reference model
     dynamic_sampling: bool = False  # drop groups with equal rewards and refill from the next prompts
     max_refill_rounds: int = 2
     overlong: str = "none"  # none | mask (truncated samples get no loss) | penalty (DAPO soft punishment)
     overlong_buffer: int = 32  # tokens before max_new_tokens where the penalty ramps up
     overlong_penalty: float = 1.0
+
+    def __post_init__(self):
+        check_choice("algo.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
+        check_choice("algo.aggregation", self.aggregation, LOSS_AGGREGATIONS)
+        check_choice("algo.overlong", self.overlong, OVERLONG_MODES)
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"algo.dual_clip={self.dual_clip!r} is not supported; supported: a number > 1 (e.g. 3), or null (off)")
 
 
 @dataclass

@@ -59,6 +59,7 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads // b.tp_size
         self.scale = cfg.head_dim**-0.5
         self.cache_index = cache_index  # position of this layer in a stage-local KV cache
+        self.attention_backend = cfg.attention_backend  # packed attention's kernel (ops.attention.select_backend)
         self.q_proj = b.linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, parallel="column", bias=cfg.qkv_bias)
         self.k_proj = b.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, parallel="column", bias=cfg.qkv_bias)
         self.v_proj = b.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, parallel="column", bias=cfg.qkv_bias)
@@ -83,7 +84,7 @@ class Attention(nn.Module):
             k_all, v_all = cache.write(self.cache_index, k, v)  # [B, kv_len, Hkv, D]
             o = cached_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), cache_mask, self.scale)
         elif cu_seqlens is not None:
-            o = packed_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen, self.scale).unsqueeze(0)
+            o = packed_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen, self.scale, self.attention_backend).unsqueeze(0)
         else:
             o = dense_causal_attention(q, k, v, self.scale)
         return self.o_proj(o.reshape(B, S, self.num_heads * self.head_dim))[0]

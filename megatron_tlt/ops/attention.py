@@ -1,11 +1,13 @@
 """Attention behind two functions: packed causal attention for training, and attention over a KV cache.
 
-Packed input (`cu_seqlens`) never attends across examples. The backend is chosen once per process
-and logged once:
+Packed input (`cu_seqlens`) never attends across examples. The backend comes from the model config
+(`model.attention_backend`, passed in by the model's Attention as `backend=`); "auto" picks, per device
+type, the first that applies (the choice is made and logged once per process):
 - `flash_attn`   : CUDA with flash-attn installed (`flash_attn_varlen_func`);
 - `torch_varlen` : CUDA without flash-attn (`torch.nn.attention.varlen.varlen_attn`);
 - `sdpa_segments`: everywhere else (CPU): exact causal SDPA run per example (block-diagonal
   attention without building a [T, T] mask). It is the reference the others are tested against.
+A named backend is used as is, after checking that its kernel can be imported.
 
 The KV-cache path (`cached_attention`) covers prefill, incremental decode and speculative-decoding
 verification: every row of the batch has `start[b]` committed tokens in the cache, and its `S` new
@@ -18,7 +20,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -26,27 +27,36 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments")
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments")  # config.schema.ATTENTION_BACKENDS without "auto"
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
-def select_backend(device_type: str) -> str:
-    """Pick the packed-attention backend for a device type (override: MEGATRON_TLT_ATTN_BACKEND)."""
-    forced = os.environ.get("MEGATRON_TLT_ATTN_BACKEND")
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"MEGATRON_TLT_ATTN_BACKEND={forced!r}; expected one of {BACKENDS}")
-        choice = forced
-    elif device_type != "cuda":
-        choice = "sdpa_segments"
-    else:
-        try:
-            import flash_attn  # noqa: F401
-
+def select_backend(device_type: str, requested: str = "auto") -> str:
+    """The packed-attention backend for a device type: `requested` (a name of BACKENDS, checked to be
+    importable) or, for "auto", the first that applies. Logged once per (device type, request)."""
+    if requested == "auto":
+        if device_type != "cuda":
+            choice = "sdpa_segments"
+        elif _has_flash_attn():
             choice = "flash_attn"
-        except ImportError:
+        else:
             choice = "torch_varlen" if _torch_varlen() is not None else "sdpa_segments"
-    log.info("attention backend for %s: %s", device_type, choice)
+    elif requested not in BACKENDS:
+        raise ValueError(f"attention backend {requested!r} is not supported; supported: auto, {', '.join(BACKENDS)}")
+    elif (requested == "flash_attn" and not _has_flash_attn()) or (requested == "torch_varlen" and _torch_varlen() is None):
+        kernel = "the flash-attn package" if requested == "flash_attn" else "torch.nn.attention.varlen (a newer torch)"
+        raise RuntimeError(f"attention backend {requested!r} needs {kernel}; set model.attention_backend=auto or another backend")
+    else:
+        choice = requested
+    log.info("attention backend for %s: %s%s", device_type, choice, " (auto)" if requested == "auto" else "")
     return choice
 
 
@@ -93,10 +103,10 @@ def packed_attention(
     cu_seqlens: torch.Tensor,  # [N+1] int
     max_seqlen: Optional[int],  # the longest example; None: read off cu_seqlens (a host sync)
     scale: float,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None,  # a name of BACKENDS, or "auto" / None: chosen by select_backend
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention within each packed example."""
-    backend = backend or select_backend(q.device.type)
+    backend = select_backend(q.device.type, backend or "auto")
     if max_seqlen is None and backend != "sdpa_segments":
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     if backend == "flash_attn":

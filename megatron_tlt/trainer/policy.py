@@ -122,6 +122,7 @@ class PolicyTrainer:
             loss_mask = pb.loss_mask.to(dev)
             loss, m = policy_loss(
                 lp, lp.detach(), adv, loss_mask, sample_ids, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
+                dual_clip=self.algo.dual_clip,
                 aggregation=self.algo.aggregation, num_global_tokens=norms[0], num_global_seqs=norms[1],
                 max_response_len=max_response_len, ref_logprobs=ref, kl_coef=self.algo.kl_coef, entropy=ent,
             )
