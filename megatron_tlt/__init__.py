@@ -11,7 +11,7 @@ __all__ = ["__version__", "load_model"]
 
 def __getattr__(name: str):
     if name == "load_model":
-        from megatron_tlt.models.loading import load_model
+        from megatron_tlt.checkpoint.loading import load_model
 
         return load_model
     raise AttributeError(f"module 'megatron_tlt' has no attribute {name!r}")

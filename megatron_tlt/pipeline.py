@@ -53,9 +53,9 @@ def build_tokenizer(cfg: Config, run_dir: Path, ps: ParallelState):
 def build_policy(cfg: Config, ps: ParallelState) -> Policy:
     if cfg.run.model_path is None:
         return Policy(cfg.model, ps.tp_group).to(ps.device)
-    from megatron_tlt.models.loading import load_model
+    from megatron_tlt.checkpoint.loading import load_model
 
-    model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device)
+    model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device, attention_backend=cfg.model.attention_backend)
     cfg.model = model.cfg
     return model
 
@@ -65,7 +65,7 @@ def build_engine(cfg: Config, model: Policy, ps: ParallelState):
     Returns (engine, drafter or None)."""
     drafter, selector = None, None
     if cfg.rollout.spec != "off":
-        from megatron_tlt.drafter.export import load_drafter
+        from megatron_tlt.drafter.io import load_drafter
         from megatron_tlt.drafter.model import Drafter
 
         drafter = load_drafter(cfg.drafter.path, model) if cfg.drafter.path else Drafter(model).to(ps.device)

@@ -1,6 +1,9 @@
-"""DCP checkpoints: bit-exact round trips, TP resharding across real gloo processes, atomicity, clear errors."""
+"""DCP checkpoints: bit-exact round trips, TP resharding across real gloo processes, atomicity, clear errors;
+the atomic-publish scheme (checkpoint.publish) that run checkpoints, converted checkpoints and drafter
+directories share."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 from megatron_tlt.checkpoint import dcp as ckpt
+from megatron_tlt.checkpoint import publish
 from megatron_tlt.checkpoint.dcp import (
     is_tlt_checkpoint,
     load_checkpoint,
@@ -173,15 +177,15 @@ def test_crash_before_complete_keeps_old_checkpoint(tmp_path, single_rank, monke
     old, cfg = _model(0)
     new, _ = _model(1)
     path = save_checkpoint(tmp_path / "ck", old, cfg, meta={"v": "old"})
-    write_durable = ckpt._write_durable
+    write_durable = publish.write_durable
 
     def crash_on_complete(file: Path, text: str) -> None:
         if file.name == ckpt.COMPLETE:
             raise KeyboardInterrupt
         write_durable(file, text)
 
-    monkeypatch.setattr(ckpt, "_write_durable", crash_on_complete)
-    monkeypatch.setattr(ckpt, "_discard", lambda tmp: None)
+    monkeypatch.setattr(publish, "write_durable", crash_on_complete)
+    monkeypatch.setattr(ckpt, "discard", lambda tmp: None)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, new, cfg, meta={"v": "new"})
     (stale,) = tmp_path.glob("ck.tmp-*")
@@ -241,3 +245,72 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, single_rank):
             load()
     with pytest.raises(CheckpointError, match="refusing to replace"):  # not a complete checkpoint: never deleted
         save_checkpoint(path, model, cfg)
+
+
+# ---- 5. the publish scheme ----
+def test_staged_publishes_with_marker_replaces_and_discards(tmp_path):
+    path = tmp_path / "out"
+    with publish.staged(path, "thing/1", what="thing", info={"n": 1}) as tmp:
+        publish.write_durable(tmp / "a.txt", "old")
+    marker = json.loads((path / publish.COMPLETE).read_text())
+    assert marker["format"] == "thing/1" and marker["n"] == 1 and "saved_at" in marker
+    assert publish.require_complete(path, "thing/1", "thing") == path and _siblings(path) == []
+    with pytest.raises(CheckpointError, match="has format 'thing/1' in COMPLETE; expected 'other/1'"):
+        publish.require_complete(path, "other/1", "other")
+
+    with pytest.raises(OSError, match="disk full"):
+        with publish.staged(path, "thing/1", what="thing") as tmp:
+            (tmp / "a.txt").write_text("new, half-written")
+            raise OSError("disk full")
+    assert (path / "a.txt").read_text() == "old" and _siblings(path) == []  # the old copy stays, no temp dir left
+
+    with publish.staged(path, "thing/1", what="thing") as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (path / "a.txt").read_text() == "new" and _siblings(path) == []
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data").write_text("keep me")
+    with pytest.raises(CheckpointError, match="is not a thing .*refusing to replace it"):
+        with publish.staged(foreign, "thing/1", what="thing"):
+            pass
+    assert (foreign / "data").read_text() == "keep me"
+
+    with publish.staged(tmp_path / "hf") as tmp:  # a foreign layout: published without a marker
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json"]
+
+
+def test_failed_conversion_leaves_no_output(tmp_path, single_rank, monkeypatch):
+    from megatron_tlt.checkpoint import convert
+
+    model, cfg = _model(0)
+    path = save_checkpoint(tmp_path / "ck", model, cfg)
+
+    def write_then_fail(out, *args, **kw):
+        Path(out, "config.json").write_text("{}")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(convert, "write_hf_dir", write_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        convert.tlt_to_hf(path, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def _rank0_failure_worker(rank: int, world_size: int) -> None:
+    def fail(x):
+        raise ValueError(f"bad {x}")
+
+    try:
+        publish.on_rank0(fail, 7)
+    except CheckpointError as e:  # (a ValueError too, so caught first)
+        assert rank == 1 and "rank 0 failed while writing: ValueError: bad 7" in str(e)
+    except ValueError as e:
+        assert rank == 0 and str(e) == "bad 7"
+    else:
+        raise AssertionError("on_rank0 did not raise")
+    assert publish.broadcast_object(rank) == 0  # every rank left on_rank0: the next collective does not hang
+
+
+def test_rank0_failure_raises_on_every_rank():
+    run_distributed(_rank0_failure_worker, world_size=2)

@@ -17,7 +17,7 @@ from train_utils import fit_packed
 from megatron_tlt.cli import main as cli_main
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
 from megatron_tlt.drafter import Drafter
-from megatron_tlt.drafter.export import (
+from megatron_tlt.drafter.io import (
     WEIGHTS_FILE,
     eagle_to_drafter_state_dict,
     export_drafter,

@@ -6,6 +6,8 @@
 - HF -> tlt -> HF is bit-exact for every tensor and dtype (bf16 included), tokenizer files travel along,
   and `transformers` loads the result (also when sharded).
 - Bad inputs raise CheckpointError naming what is wrong; the CLI turns them into exit code 2.
+- `load_model` never starts a process group: tests that load get the `single_process` fixture; the CLI
+  starts (and tears down) its own.
 
     python -m pytest -q tests/test_hf.py
 """
@@ -31,6 +33,7 @@ from megatron_tlt.models.hf import (
     read_hf_dir,
     write_hf_dir,
 )
+from megatron_tlt.parallel import destroy_parallel, get_parallel_state, init_parallel
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
@@ -46,6 +49,13 @@ CASES = {
 }
 FP32_CASES = [name for name, (_, _, dtype) in CASES.items() if dtype == torch.float32]
 SEQ_LEN = 24  # > original_max_position_embeddings, so the llama3 scaling matters
+
+
+@pytest.fixture
+def single_process():
+    """A single-process parallel state for `load_model` (which never starts one), torn down after."""
+    yield init_parallel()
+    destroy_parallel()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +104,7 @@ def _assert_same_tensors(a: Path, b: Path):
 
 
 @pytest.mark.parametrize("hf_case", FP32_CASES, indirect=True)
-def test_logits_match_transformers(hf_case, tmp_path):
+def test_logits_match_transformers(hf_case, single_process, tmp_path):
     hf_dir, model, tokens = hf_case
     ref = _hf_logits(model, tokens)
     ours = _tlt_logits(hf_dir, tokens)
@@ -106,7 +116,7 @@ def test_logits_match_transformers(hf_case, tmp_path):
 
 
 @pytest.mark.parametrize("hf_case", list(CASES), indirect=True)
-def test_round_trip_is_bit_exact(hf_case, tmp_path):
+def test_round_trip_is_bit_exact(hf_case, single_process, tmp_path):
     hf_dir, model, tokens = hf_case
     hf_to_tlt(hf_dir, tmp_path / "ckpt")
     tlt_to_hf(tmp_path / "ckpt", tmp_path / "hf")
@@ -122,7 +132,7 @@ def test_round_trip_is_bit_exact(hf_case, tmp_path):
 
 
 @pytest.mark.parametrize("hf_case", ["qwen2_qkvbias_tied"], indirect=True)
-def test_sharded_hf_dir(hf_case, tmp_path):
+def test_sharded_hf_dir(hf_case, single_process, tmp_path):
     hf_dir, model, tokens = hf_case
     hf_config, state_dict = read_hf_dir(hf_dir)
     write_hf_dir(tmp_path, hf_config, state_dict, max_shard_bytes=20_000)
@@ -168,13 +178,29 @@ def test_cli_convert(hf_case_llama, tmp_path, capsys):
     assert err.count("\n") == 1 and "not empty" in err
 
 
+def test_load_model_needs_a_parallel_state_and_the_cli_starts_its_own(hf_case_llama, tmp_path):
+    with pytest.raises(RuntimeError, match=r"init_parallel\(\) first"):
+        load_model(hf_case_llama)
+    with pytest.raises(RuntimeError, match="not initialised"):  # load_model started none
+        get_parallel_state()
+    assert main(["convert", "hf-to-tlt", "--input", str(hf_case_llama), "--output", str(tmp_path / "ckpt")]) == 0
+    with pytest.raises(RuntimeError, match="not initialised"):  # the CLI tore down the state it started
+        get_parallel_state()
+    state = init_parallel()
+    try:  # a caller's state is used, and left alone
+        assert main(["convert", "hf-to-tlt", "--input", str(hf_case_llama), "--output", str(tmp_path / "ckpt2")]) == 0
+        assert get_parallel_state() is state
+    finally:
+        destroy_parallel()
+
+
 def _edit_config(hf_dir: Path, **changes) -> None:
     config = json.loads((hf_dir / "config.json").read_text())
     config.update(changes)
     (hf_dir / "config.json").write_text(json.dumps(config))
 
 
-def test_unsupported_architecture(hf_case_llama):
+def test_unsupported_architecture(hf_case_llama, single_process):
     _edit_config(hf_case_llama, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(CheckpointError, match="GPT2LMHeadModel.*LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         load_model(hf_case_llama)
@@ -202,7 +228,7 @@ def test_unsupported_features_are_named(changes, key):
         model_config_from_hf(hf_config)
 
 
-def test_truncated_safetensors(hf_case_llama, capsys):
+def test_truncated_safetensors(hf_case_llama, single_process, capsys):
     weights = hf_case_llama / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
@@ -213,7 +239,7 @@ def test_truncated_safetensors(hf_case_llama, capsys):
     assert not (hf_case_llama.parent / "ckpt").exists()
 
 
-def test_missing_config_and_neither(hf_case_llama, tmp_path):
+def test_missing_config_and_neither(hf_case_llama, single_process, tmp_path):
     (hf_case_llama / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
         read_hf_dir(hf_case_llama)
@@ -223,7 +249,7 @@ def test_missing_config_and_neither(hf_case_llama, tmp_path):
         load_model(tmp_path / "does_not_exist")
 
 
-def test_shape_mismatch_names_the_tensor(hf_case_llama):
+def test_shape_mismatch_names_the_tensor(hf_case_llama, single_process):
     _edit_config(hf_case_llama, intermediate_size=48)
     with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.\w+_proj\.weight"):
         load_model(hf_case_llama)

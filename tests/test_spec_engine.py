@@ -532,7 +532,7 @@ def test_selector_is_deterministic_for_a_seed():
 
 
 def test_cli_generate_with_a_drafter(model, drafters, tmp_path, capsys):
-    from megatron_tlt.drafter.export import save_drafter
+    from megatron_tlt.drafter.io import save_drafter
 
     model_dir, drafter_dir = tmp_path / "model", tmp_path / "drafter"
     write_hf_dir(model_dir, hf_config_from_model_config(CFG), tlt_to_hf_state_dict(gather_full_state_dict(model), CFG))

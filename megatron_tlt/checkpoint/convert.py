@@ -4,26 +4,24 @@ Why: training starts from an HF model and hands its result back to HF tools (tra
 DESIGN invariant 3 asks that HF -> tlt -> HF returns every tensor bit-exact, in its dtype.
 
 How (or `megatron-tlt convert hf-to-tlt|tlt-to-hf --input IN --output OUT`):
-    hf_to_tlt("/models/Qwen2.5-0.5B", "ckpt/qwen")    # load_model (TP of the current state, 1 by default) + save_checkpoint
+    init_parallel()                                   # hf_to_tlt loads the model at the state's TP degree
+    hf_to_tlt("/models/Qwen2.5-0.5B", "ckpt/qwen")    # load_model + save_checkpoint
     tlt_to_hf("ckpt/qwen", "export/qwen")             # full tensors from the checkpoint -> safetensors + config.json
 
 Tokenizer files (`TOKENIZER_FILES`, generation_config.json included) travel along. Both directions
-refuse a non-empty output directory and publish the result atomically: the output appears whole or
-not at all.
+refuse a non-empty output directory and publish the result atomically (`checkpoint.publish`): the
+output appears whole or not at all. The HF directory gets no COMPLETE marker (HF readers do not know one).
 """
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Union
 
 from megatron_tlt.checkpoint.dcp import load_full_state_dict_from_checkpoint, read_model_config, save_checkpoint
+from megatron_tlt.checkpoint.loading import load_model
+from megatron_tlt.checkpoint.publish import claim_empty_output, copy_durable, staged
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES
-from megatron_tlt.errors import CheckpointError
 from megatron_tlt.models.hf import hf_config_from_model_config, tlt_to_hf_state_dict, write_hf_dir
-from megatron_tlt.models.loading import load_model
 
 PathLike = Union[str, Path]
 
@@ -33,19 +31,10 @@ def _tokenizer_files(src: Path) -> dict[str, Path]:
     return {name: src / name for name in TOKENIZER_FILES if (src / name).is_file()}
 
 
-def _claim_output(out: Path) -> None:
-    """Refuse a non-empty `out`; remove an empty one so the finished result can be renamed into place."""
-    if out.exists():
-        if not out.is_dir() or any(out.iterdir()):
-            raise CheckpointError(f"output {out} exists and is not empty; choose a new directory or remove it")
-        out.rmdir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
 def hf_to_tlt(hf_dir: PathLike, out_dir: PathLike) -> Path:
     """Convert an HF model directory (config.json + safetensors) into a megatron_tlt checkpoint at `out_dir`."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    _claim_output(out_dir)
+    claim_empty_output(out_dir)
     model = load_model(hf_dir, device="cpu")
     meta = {"source": "hf", "hf_dir": str(hf_dir.resolve())}
     # save_checkpoint writes beside out_dir and renames: atomic on its own.
@@ -55,17 +44,12 @@ def hf_to_tlt(hf_dir: PathLike, out_dir: PathLike) -> Path:
 def tlt_to_hf(ckpt_dir: PathLike, out_dir: PathLike) -> Path:
     """Convert a megatron_tlt checkpoint into an HF model directory at `out_dir` (safetensors, 5 GiB shards)."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    _claim_output(out_dir)
+    claim_empty_output(out_dir)
     cfg = read_model_config(ckpt_dir)
     hf_config = hf_config_from_model_config(cfg)
     state_dict = tlt_to_hf_state_dict(load_full_state_dict_from_checkpoint(ckpt_dir), cfg)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
-    try:
+    with staged(out_dir) as tmp:
         write_hf_dir(tmp, hf_config, state_dict)
         for name, src in _tokenizer_files(ckpt_dir).items():
-            shutil.copyfile(src, tmp / name)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            copy_durable(src, tmp / name)
     return out_dir

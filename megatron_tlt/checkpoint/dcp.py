@@ -20,10 +20,10 @@ Layout of a checkpoint directory (a contract other code relies on):
       <file>              extra files copied in with `files={name: source}`, e.g. tokenizer files
       COMPLETE            written last: {"format": "megatron_tlt/1", ...}
 
-Atomicity: all ranks write into a sibling `CKPT_DIR.tmp-<random>`; after a barrier, rank 0 fsyncs the
-directories, writes COMPLETE, moves an existing checkpoint aside (`CKPT_DIR.tmp-<random>-old`), renames the
-new one in and only then deletes the old one. Loaders accept only directories with COMPLETE, so stale
-`*.tmp-*` directories from a crash are ignored.
+Atomicity (`checkpoint.publish`, shared with converted checkpoints and drafter directories): all ranks
+write into a sibling `CKPT_DIR.tmp-<random>`; after a barrier, rank 0 fsyncs it, writes COMPLETE, moves an
+existing checkpoint aside, renames the new one in and only then deletes the old one. Loaders accept only
+directories with COMPLETE of this format, so stale `*.tmp-*` directories from a crash are ignored.
 
     save_checkpoint("runs/x/step_10", model, cfg.model, states={"optimizer": opt.state_dict()}, meta={"step": 10})
     meta = load_checkpoint("runs/x/step_10", model, states={"optimizer": sd})  # sd loaded in place
@@ -31,13 +31,10 @@ new one in and only then deletes the old one. Loaders accept only directories wi
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,72 +45,31 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from megatron_tlt.checkpoint.publish import (
+    COMPLETE,
+    broadcast_object,
+    check_replaceable,
+    copy_durable,
+    discard,
+    is_distributed,
+    on_rank0,
+    publish,
+    rank,
+    require_complete,
+    tmp_sibling,
+    write_durable,
+)
 from megatron_tlt.config import ModelConfig, to_yaml
 from megatron_tlt.config.loader import ConfigError, load_config
 from megatron_tlt.errors import CheckpointError
 from megatron_tlt.parallel.sharding import full_shape, named_shard_specs
 
 FORMAT = "megatron_tlt/1"
-COMPLETE = "COMPLETE"
+WHAT = "megatron_tlt checkpoint"  # how errors name one
 CONFIG_FILE = "model_config.yaml"
 META_FILE = "meta.json"
 MODEL_DIR = "model"
 _RESERVED = {COMPLETE, CONFIG_FILE, META_FILE, MODEL_DIR}
-
-
-# ---- ranks: every collective here runs on the default (world) group ----
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _is_dist() else 0
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not _is_dist() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _on_rank0(fn: Callable[..., None], *args) -> None:
-    """Run `fn` on rank 0 only; if it fails, every rank raises (so no rank waits forever in a collective)."""
-    error = None
-    if _rank() == 0:
-        try:
-            fn(*args)
-        except Exception as e:
-            error = e
-    error_msg = _broadcast(None if error is None else str(error))
-    if error is not None:
-        raise error
-    if error_msg is not None:
-        raise CheckpointError(f"rank 0 failed while saving the checkpoint: {error_msg}")
-
-
-# ---- durable small files ----
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _copy_durable(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 # ---- DCP calls, with errors wrapped ----
@@ -227,27 +183,8 @@ def is_tlt_checkpoint(path) -> bool:
     return p.is_dir() and (p / COMPLETE).is_file()
 
 
-def _require_complete(path) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        stale = sorted(q.name for q in p.parent.glob(f"{p.name}.tmp-*")) if p.parent.is_dir() else []
-        hint = f" (interrupted saves, ignored: {', '.join(stale)})" if stale else ""
-        raise CheckpointError(f"checkpoint directory {p} does not exist{hint}")
-    if not (p / COMPLETE).is_file():
-        raise CheckpointError(
-            f"checkpoint {p} is incomplete: no {COMPLETE} marker (the save was interrupted, or it is not a megatron_tlt checkpoint)"
-        )
-    try:
-        fmt = json.loads((p / COMPLETE).read_text()).get("format")
-    except (ValueError, AttributeError):
-        fmt = None
-    if fmt != FORMAT:
-        raise CheckpointError(f"checkpoint {p} has format {fmt!r} in {COMPLETE}; this version reads {FORMAT!r}")
-    return p
-
-
 def read_model_config(path) -> ModelConfig:
-    p = _require_complete(path)
+    p = require_complete(path, FORMAT, WHAT)
     if not (p / CONFIG_FILE).is_file():
         raise CheckpointError(f"checkpoint {p} has no {CONFIG_FILE}")
     try:
@@ -257,40 +194,13 @@ def read_model_config(path) -> ModelConfig:
 
 
 def _write_small_files(tmp: Path, path: Path, model_config: ModelConfig, meta, files) -> None:
-    if path.exists() and not is_tlt_checkpoint(path):
-        raise CheckpointError(f"{path} exists and is not a complete megatron_tlt checkpoint; refusing to replace it")
+    check_replaceable(path, FORMAT, WHAT)
     tmp.mkdir(parents=True)
-    _write_durable(tmp / CONFIG_FILE, to_yaml(model_config))
+    write_durable(tmp / CONFIG_FILE, to_yaml(model_config))
     if meta is not None:
-        _write_durable(tmp / META_FILE, json.dumps(meta, indent=1))
+        write_durable(tmp / META_FILE, json.dumps(meta, indent=1))
     for name, src in files.items():
-        _copy_durable(Path(src), tmp / name)
-
-
-def _publish(tmp: Path, path: Path, complete: dict) -> None:
-    """COMPLETE last, then swap `tmp` in for `path`; at every instant `path` is the old or the new checkpoint, or absent."""
-    for d in tmp.iterdir():
-        if d.is_dir():
-            _fsync_dir(d)
-    _write_durable(tmp / COMPLETE, json.dumps(complete))
-    _fsync_dir(tmp)
-    old = None
-    if path.exists():
-        old = tmp.with_name(tmp.name + "-old")
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.rename(old, path)
-        raise
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _discard(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
+        copy_durable(Path(src), tmp / name)
 
 
 def save_checkpoint(
@@ -314,24 +224,19 @@ def save_checkpoint(
     if clash:
         raise CheckpointError(f"checkpoint entry names {clash} are reserved or used twice")
     tp_group = tp_group if tp_group is not None else getattr(model, "tp_group", None)
-    tmp = path.with_name(f"{path.name}.tmp-{_broadcast(secrets.token_hex(4))}")
+    tmp = tmp_sibling(path, broadcast_object(secrets.token_hex(4)))
     try:
-        _on_rank0(_write_small_files, tmp, path, model_config, meta, files)
+        on_rank0(_write_small_files, tmp, path, model_config, meta, files)
         _dcp_save(module_state(model, tp_group), tmp / MODEL_DIR)
         for name, state in states.items():
             _dcp_save(state, tmp / name)
-        if _is_dist():
+        if is_distributed():
             dist.barrier()
-        complete = {
-            "format": FORMAT,
-            "saved_tp_size": 1 if tp_group is None else dist.get_world_size(tp_group),
-            "states": sorted(states),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _on_rank0(_publish, tmp, path, complete)
+        info = {"saved_tp_size": 1 if tp_group is None else dist.get_world_size(tp_group), "states": sorted(states)}
+        on_rank0(publish, tmp, path, FORMAT, info)
     except BaseException:
-        if _rank() == 0:
-            _discard(tmp)
+        if rank() == 0:
+            discard(tmp)
         raise
     return path
 
@@ -342,7 +247,7 @@ def load_checkpoint(path, model: nn.Module, *, tp_group=None, states: Optional[d
     `states` must have the saved structure with tensors allocated (e.g. an optimizer state dict whose state
     is initialised); DCP fills them. Returns the checkpoint's meta.json (empty if none).
     """
-    p = _require_complete(path)
+    p = require_complete(path, FORMAT, WHAT)
     read_model_config(p)
     tp_group = tp_group if tp_group is not None else getattr(model, "tp_group", None)
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
@@ -360,7 +265,7 @@ def load_checkpoint(path, model: nn.Module, *, tp_group=None, states: Optional[d
 def load_full_state_dict_from_checkpoint(path, name: str = MODEL_DIR) -> dict[str, torch.Tensor]:
     """Full (unsharded) tensors of the model (or of the saved state `name`, e.g. "drafter"), in their saved
     dtypes, read in this process alone (no process group)."""
-    p = _require_complete(path)
+    p = require_complete(path, FORMAT, WHAT)
     md = _read_metadata(p / name)
     full = {
         name: torch.empty(m.size, dtype=m.properties.dtype)

@@ -49,11 +49,29 @@ def _plot(args) -> int:
     return 0
 
 
+def _in_parallel_state(run):
+    """`run()` for a command that loads a model: in the initialised parallel state (the caller's), else in a
+    default one (torchrun's environment, or a single process) started here and destroyed afterwards."""
+    from megatron_tlt.parallel import destroy_parallel, get_parallel_state, init_parallel
+
+    try:
+        get_parallel_state()
+        started = False
+    except RuntimeError:
+        init_parallel()
+        started = True
+    try:
+        return run()
+    finally:
+        if started:
+            destroy_parallel()
+
+
 def _convert(args) -> int:
     from megatron_tlt.checkpoint import convert
 
     if args.direction == "hf-to-tlt":
-        convert.hf_to_tlt(args.input, args.output)
+        _in_parallel_state(lambda: convert.hf_to_tlt(args.input, args.output))
     else:
         convert.tlt_to_hf(args.input, args.output)
     print(f"wrote {args.output}")
@@ -63,17 +81,17 @@ def _convert(args) -> int:
 def _generate(args) -> int:
     from megatron_tlt.cli.generate import run_generate
 
-    return run_generate(args)
+    return _in_parallel_state(lambda: run_generate(args))
 
 
 def _train_drafter(args) -> int:
     from megatron_tlt.cli.train_drafter import run_train_drafter
 
-    return run_train_drafter(args)
+    return _in_parallel_state(lambda: run_train_drafter(args))
 
 
 def _export_drafter(args) -> int:
-    from megatron_tlt.drafter.export import export_drafter
+    from megatron_tlt.drafter.io import export_drafter
 
     export_drafter(args.drafter, args.out)
     print(f"wrote {args.out}")

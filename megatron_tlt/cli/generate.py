@@ -15,7 +15,7 @@ mean_accept_len, the accepted draft tokens per speculative step). Generation sto
 eos token and at the eos ids of generation_config.json when the model directory has one.
 
 Speculative decoding (`--spec chain|tree|adaptive`) needs `--drafter`, a drafter directory written by
-`megatron-tlt train-drafter` (`drafter.export.save_drafter`); it changes the speed, never the
+`megatron-tlt train-drafter` (`drafter.io.save_drafter`); it changes the speed, never the
 distribution sampled from.
 """
 from __future__ import annotations
@@ -114,13 +114,13 @@ def run_generate(args) -> int:
 
     import torch.distributed as dist
 
-    from megatron_tlt.models.loading import load_model
+    from megatron_tlt.checkpoint.loading import load_model
     from megatron_tlt.rollout import RolloutEngine
 
     model = load_model(model_dir)
     drafter = None
     if args.drafter is not None:
-        from megatron_tlt.drafter.export import load_drafter
+        from megatron_tlt.drafter.io import load_drafter
 
         drafter = load_drafter(args.drafter, model)  # CheckpointError (a UserError) when missing or unfit
     vocab = model.cfg.vocab_size

@@ -204,7 +204,8 @@ def tlt_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
 
 
 # ---- directories ----
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; CheckpointError naming the file if it is missing or unreadable."""
     if not file.is_file():
         raise CheckpointError(f"weight file {file} is missing")
     try:
@@ -234,12 +235,12 @@ def read_hf_dir(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
             raise CheckpointError(f"{index_file} is not a safetensors index (no valid 'weight_map'): {e}") from None
         state_dict = {}
         for shard in sorted(set(weight_map.values())):
-            state_dict.update(_load_safetensors(path / shard))
+            state_dict.update(load_safetensors(path / shard))
         missing = sorted(weight_map.keys() - state_dict.keys())
         if missing:
             raise CheckpointError(f"{index_file} lists tensors that no shard holds: {missing[:8]}")
     elif (path / WEIGHTS_NAME).is_file():
-        state_dict = _load_safetensors(path / WEIGHTS_NAME)
+        state_dict = load_safetensors(path / WEIGHTS_NAME)
     else:
         raise CheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {path} (only safetensors weights are supported)")
     return hf_config, state_dict

@@ -31,9 +31,9 @@ from megatron_tlt.checkpoint.dcp import is_tlt_checkpoint, save_checkpoint
 from megatron_tlt.config.schema import Config, DataConfig, DrafterConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig
 from megatron_tlt.data.datasets import PromptDataset
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES, load_tokenizer
-from megatron_tlt.drafter.export import load_drafter, save_drafter
+from megatron_tlt.drafter.io import load_drafter, save_drafter
 from megatron_tlt.drafter.model import Drafter
-from megatron_tlt.models.loading import load_model
+from megatron_tlt.checkpoint.loading import load_model
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import set_seed
 from megatron_tlt.parallel.state import ParallelState

@@ -7,7 +7,8 @@ Why: the drafter is a small model of its own that only makes sense next to its p
 holds just its weights, as full (unsharded) tensors that load at any TP degree, plus the policy config
 they were trained for; loading checks both against the policy at hand before touching any weight.
 
-Layout of a drafter directory (atomic, like run checkpoints: written beside DRAFTER_DIR, renamed in):
+Layout of a drafter directory (published atomically by `checkpoint.publish`, like run checkpoints:
+written beside DRAFTER_DIR, COMPLETE last, renamed in):
 
     DRAFTER_DIR/
       drafter.safetensors   full tensors, Drafter parameter names (`fc.weight`, `layer.mlp.up_proj.weight`, ...)
@@ -16,7 +17,8 @@ Layout of a drafter directory (atomic, like run checkpoints: written beside DRAF
       meta.json             caller's metadata (optional)
       COMPLETE              written last: {"format": "megatron_tlt-drafter/1", "saved_at": ...}
 
-HF EAGLE export (`config.json` + `model.safetensors`), as SGLang's and vLLM's `LlamaForCausalLMEagle`
+HF EAGLE export (`config.json` + `model.safetensors`, published the same way but without a COMPLETE
+marker, which HF readers do not know), as SGLang's and vLLM's `LlamaForCausalLMEagle`
 and EAGLE's own checkpoints name an EAGLE-1/2 head: tensors unprefixed, the one decoder layer as
 `layers.0`, no `embed_tokens` / `lm_head` (shared with the base model; config.json says
 `"tie_to_base_model": true`). Name mapping, megatron_tlt -> EAGLE:
@@ -38,29 +40,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import secrets
-import shutil
-import time
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from safetensors.torch import save_file
 
-from megatron_tlt.checkpoint.dcp import _on_rank0, _publish, _write_durable
+from megatron_tlt.checkpoint.publish import claim_empty_output, on_rank0, require_complete, staged, write_durable
 from megatron_tlt.config.dtypes import dtype_name
 from megatron_tlt.config.schema import ModelConfig, RopeScalingConfig
 from megatron_tlt.drafter.model import Drafter
 from megatron_tlt.errors import CheckpointError
-from megatron_tlt.models.hf import _load_safetensors, hf_config_from_model_config, write_hf_dir
+from megatron_tlt.models.hf import hf_config_from_model_config, load_safetensors, write_hf_dir
 from megatron_tlt.parallel.sharding import full_shape, gather_full_state_dict, load_full_state_dict
 
 FORMAT = "megatron_tlt-drafter/1"
+WHAT = "drafter directory"  # how errors name one
 WEIGHTS_FILE = "drafter.safetensors"
 CONFIG_FILE = "drafter_config.json"
 META_FILE = "meta.json"
-COMPLETE = "COMPLETE"
 EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"
 # Config fields that change the drafter's maths without changing any of its tensor shapes.
 _MATH_FIELDS = ("vocab_size", "rope_theta", "rope_scaling", "rms_norm_eps")
@@ -70,55 +68,33 @@ PathLike = Union[str, Path]
 
 # ---- save ----
 def _write_drafter_dir(path: Path, full: dict[str, torch.Tensor], cfg: ModelConfig, meta: Optional[dict]) -> None:
-    """Write into a sibling temporary directory, then publish it as `path` (COMPLETE last, then a rename)."""
-    if path.exists() and not (path / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{path} exists and is not a drafter directory; refusing to replace it")
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        tmp.mkdir(parents=True)
+    """Write into a sibling temporary directory, then publish it as `path` (fsync, COMPLETE last, a rename)."""
+    with staged(path, FORMAT, what=WHAT) as tmp:
         save_file({name: t.contiguous() for name, t in full.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        with open(tmp / WEIGHTS_FILE, "rb+") as f:
-            os.fsync(f.fileno())
         dtype = dtype_name(next(iter(full.values())).dtype)
         config = {"format": FORMAT, "policy_config": dataclasses.asdict(cfg), "num_layers": 1, "dtype": dtype}
-        _write_durable(tmp / CONFIG_FILE, json.dumps(config, indent=1))
+        write_durable(tmp / CONFIG_FILE, json.dumps(config, indent=1))
         if meta is not None:
-            _write_durable(tmp / META_FILE, json.dumps(meta, indent=1))
-        _publish(tmp, path, {"format": FORMAT, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_durable(tmp / META_FILE, json.dumps(meta, indent=1))
 
 
 def save_drafter(path: PathLike, drafter: Drafter, meta: Optional[dict] = None) -> Path:
     """Write `drafter` (possibly TP-sharded) to `path` as full tensors, atomically; returns `path`.
 
     Every rank must call this (the shards are gathered over the drafter's TP group, then rank 0 writes and
-    every rank learns whether it succeeded). An existing drafter directory at `path` is replaced; anything
-    else there is refused. Only parameters are saved (megatron's `_extra_state` entries are None here).
+    every rank learns whether it succeeded). An existing (complete) drafter directory at `path` is replaced;
+    anything else there is refused. Only parameters are saved (megatron's `_extra_state` entries are None here).
     """
     path = Path(path)
     full = {name: t.cpu() for name, t in gather_full_state_dict(drafter, drafter.tp_group).items()}
-    _on_rank0(_write_drafter_dir, path, full, drafter.cfg, meta)
+    on_rank0(_write_drafter_dir, path, full, drafter.cfg, meta)
     return path
 
 
 # ---- load ----
-def _require_complete(path: Path) -> None:
-    if not path.is_dir():
-        raise CheckpointError(f"drafter directory {path} does not exist")
-    try:
-        fmt = json.loads((path / COMPLETE).read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        raise CheckpointError(f"drafter directory {path} is incomplete: no valid {COMPLETE} marker (an interrupted save?)") from None
-    if fmt != FORMAT:
-        raise CheckpointError(f"{path} has format {fmt!r} in {COMPLETE}; a drafter directory has {FORMAT!r}")
-
-
 def read_drafter_config(path: PathLike) -> ModelConfig:
     """The policy ModelConfig a (complete) drafter directory was trained for."""
-    path = Path(path)
-    _require_complete(path)
+    path = require_complete(path, FORMAT, WHAT)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         fields = dict(config["policy_config"])
@@ -134,7 +110,7 @@ def read_drafter_config(path: PathLike) -> ModelConfig:
 def read_drafter_weights(path: PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(policy ModelConfig, full tensors by Drafter parameter name) of a drafter directory, read in this process."""
     path = Path(path)
-    return read_drafter_config(path), _load_safetensors(path / WEIGHTS_FILE)
+    return read_drafter_config(path), load_safetensors(path / WEIGHTS_FILE)
 
 
 def _check_fits(path: Path, drafter: Drafter, saved_cfg: ModelConfig, full: dict[str, torch.Tensor]) -> None:
@@ -200,17 +176,9 @@ def eagle_config(cfg: ModelConfig, dtype: str) -> dict:
 def export_drafter(drafter_dir: PathLike, out_dir: PathLike) -> Path:
     """Write the drafter at `drafter_dir` as an HF EAGLE directory at `out_dir` (refused if not empty), atomically."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CheckpointError(f"output {out_dir} exists and is not empty; choose a new directory or remove it")
     cfg, full = read_drafter_weights(drafter_dir)
+    claim_empty_output(out_dir)
     dtype = dtype_name(next(iter(full.values())).dtype)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
-    try:
+    with staged(out_dir) as tmp:
         write_hf_dir(tmp, eagle_config(cfg, dtype), drafter_to_eagle_state_dict(full))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
