@@ -25,7 +25,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "import-linter>=2.1"],
         "parquet": ["pyarrow"],
         "wandb": ["wandb"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],

@@ -26,6 +26,7 @@ from megatron_tlt.drafter.data import DrafterBuffer, DrafterExample, from_traine
 from megatron_tlt.drafter.trainer import DrafterTrainer
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import init_parallel, set_seed
+from megatron_tlt.coordinator.exchange import exchange_for_update
 from megatron_tlt.rl.sample import Sample
 from megatron_tlt.trainer.policy import PolicyTrainer
 
@@ -108,7 +109,9 @@ def test_from_trainer_output_aligns_tokens_with_the_update_hidden_states():
         samples.append(Sample(prompt, response, [-1.0] * len(response), reward=float(i % 2), advantage=i - 1.5, group=0))
     reference = policy_examples(model, [s.prompt_ids + s.response_ids for s in samples], max_tokens=64)  # before the update
     trainer = PolicyTrainer(model, OptimConfig(lr=1e-2, micro_batch_tokens=24), AlgoConfig(), ps, total_steps=1)
-    _, hidden = trainer.step(samples, max_response_len=16, collect_hidden=True)
+    batch = exchange_for_update(samples, 24, ps)
+    assert batch.samples == samples  # one DP rank: the share is the whole batch, in order
+    _, hidden = trainer.step(batch.samples, batch.micro_batches, max_response_len=16, collect_hidden=True)
     examples = from_trainer_output(samples, hidden)
     assert len(examples) == len(samples)
     for s, ex, ref in zip(samples, examples, reference):

@@ -211,8 +211,7 @@ def test_tree_verify_equals_each_branch_alone(tp_group):
 # ---- packed-attention backends ----
 
 
-def test_cpu_backend_is_sdpa_segments(monkeypatch):
-    monkeypatch.delenv("MEGATRON_TLT_ATTN_BACKEND", raising=False)
+def test_cpu_backend_is_sdpa_segments():
     select_backend.cache_clear()
     try:
         assert select_backend("cpu") == "sdpa_segments"

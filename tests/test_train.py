@@ -11,12 +11,13 @@ from dist_utils import run_distributed
 from megatron_tlt.checkpoint.dcp import load_full_state_dict_from_checkpoint
 from megatron_tlt.config import ModelConfig, load_config
 from megatron_tlt.config.schema import AlgoConfig, OptimConfig
+from megatron_tlt.coordinator.exchange import exchange_for_update
 from megatron_tlt.data.datasets import PromptDataset, PromptSampler
 from megatron_tlt.data.tokenizer import build_test_tokenizer, load_tokenizer
 from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel
-from megatron_tlt.pipeline import assign_advantages
+from megatron_tlt.step.stages import assign_advantages
 from megatron_tlt.plot import plot_run
 from megatron_tlt.rl.sample import Sample
 from megatron_tlt.trainer.policy import PolicyTrainer
@@ -31,14 +32,14 @@ REQUIRED_METRICS = {"step", "reward_mean", "response_len_mean", "response_len_p5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_samples(seed: int = 0, n: int = 12) -> list[Sample]:
+def make_samples(ps, seed: int = 0, n: int = 12) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         prompt = torch.randint(0, 96, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
         resp = torch.randint(0, 96, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g).tolist()
         out.append(Sample(prompt, resp, [-4.0] * len(resp), reward=float(i % 3 == 0), group=i // 4))
-    return assign_advantages(out, AlgoConfig(), max_new_tokens=16)[0]
+    return assign_advantages(out, AlgoConfig(), 16, ps)[0]
 
 
 def _update(model, ps, samples, micro_batch_tokens=40):
@@ -46,7 +47,8 @@ def _update(model, ps, samples, micro_batch_tokens=40):
     # sign of its update between DP layouts. A large eps makes the update a smooth function of the gradient.
     optim = OptimConfig(lr=1e-2, eps=1.0, micro_batch_tokens=micro_batch_tokens)
     trainer = PolicyTrainer(model, optim, AlgoConfig(), ps, total_steps=2)
-    metrics, _ = trainer.step(samples, max_response_len=16)
+    batch = exchange_for_update(samples, micro_batch_tokens, ps)  # this rank's share of the global batch
+    metrics, _ = trainer.step(batch.samples, batch.micro_batches, max_response_len=16)
     return metrics
 
 
@@ -56,7 +58,7 @@ def _dp_worker(rank, world_size, init_path, expected_path):
     assert ps.dp_size == 2
     model = Policy(CFG, ps.tp_group, init_weights=False)
     load_full_state_dict(model, torch.load(init_path))
-    metrics = _update(model, ps, make_samples())
+    metrics = _update(model, ps, [s for s in make_samples(ps) if s.group % 2 == rank])  # whole groups per rank
     expected = torch.load(expected_path)
     for name, p in gather_full_state_dict(model).items():
         torch.testing.assert_close(p, expected["weights"][name], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
@@ -68,7 +70,7 @@ def test_dp2_update_equals_dp1(tmp_path):
     torch.manual_seed(0)
     model = Policy(CFG, ps.tp_group)
     torch.save(gather_full_state_dict(model), tmp_path / "init.pt")
-    metrics = _update(model, ps, make_samples(), micro_batch_tokens=40)
+    metrics = _update(model, ps, make_samples(ps), micro_batch_tokens=40)
     assert metrics["skipped_update"] == 0 and metrics["grad_norm"] > 0
     torch.save({"weights": gather_full_state_dict(model), "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]},
                tmp_path / "expected.pt")
@@ -83,7 +85,7 @@ def test_nan_loss_skips_the_update(caplog):
     torch.manual_seed(0)
     model = Policy(CFG, ps.tp_group)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    samples = make_samples()
+    samples = make_samples(ps)
     samples[0] = replace(samples[0], advantage=float("nan"))
     with caplog.at_level(logging.WARNING):
         metrics = _update(model, ps, samples)
@@ -95,10 +97,10 @@ def test_nan_loss_skips_the_update(caplog):
 def test_overlong_mask_and_penalty():
     samples = [Sample([1], [2] * 16, [0.0] * 16, reward=1.0, group=0, finish_reason="length"),
                Sample([1], [2] * 4, [0.0] * 4, reward=1.0, group=0, finish_reason="stop")]
-    samples, _ = assign_advantages(samples, AlgoConfig(overlong="mask"), max_new_tokens=16)
+    samples, _ = assign_advantages(samples, AlgoConfig(overlong="mask"), 16, init_parallel())
     assert [s.trained for s in samples] == [False, True]
     samples = [Sample([1], [2] * 16, [0.0] * 16, reward=1.0, group=0), Sample([1], [2] * 4, [0.0] * 4, reward=1.0, group=0)]
-    samples, _ = assign_advantages(samples, AlgoConfig(overlong="penalty", overlong_buffer=8, overlong_penalty=1.0), max_new_tokens=16)
+    samples, _ = assign_advantages(samples, AlgoConfig(overlong="penalty", overlong_buffer=8, overlong_penalty=1.0), 16, init_parallel())
     assert samples[0].reward == pytest.approx(0.0) and samples[1].reward == pytest.approx(1.0)
     assert samples[0].advantage < 0 < samples[1].advantage
 

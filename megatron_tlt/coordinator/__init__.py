@@ -1,4 +1,5 @@
-"""The long-tail-aware coordinator: spot training of the drafter on DP ranks whose rollout is done (`spot.py`)."""
+"""Which DP rank does what: prompt assignment and rollout names (`assignment`), samples across ranks for the
+update (`exchange`), and spot training of the drafter on ranks whose rollout is done (`spot`)."""
 from megatron_tlt.coordinator.spot import SpotStats, SpotTrainer
 
 __all__ = ["SpotStats", "SpotTrainer"]

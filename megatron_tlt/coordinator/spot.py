@@ -43,7 +43,7 @@ A single DP replica is always the last to finish: its stop signal is up before i
 step. Interleaving drafter steps with decoding on one replica is a separate policy, not done here.
 
 `rl_step` names one rollout and must be unique per store for the life of the process group (its keys are a
-few bytes and never deleted): the driver uses step * 1000 + refill round.
+few bytes and never deleted): the driver passes `str(coordinator.assignment.RolloutId(step, round))`.
 """
 from __future__ import annotations
 
@@ -113,18 +113,18 @@ class SpotTrainer:
         self._pending = SpotStats()  # since the last merge
 
     # ---- signalling ----
-    def rollout_finished(self, rl_step: int) -> None:
+    def rollout_finished(self, rl_step: object) -> None:
         """This rank's rollout is done: count its replica; the last replica raises the stop signal."""
         self._finished_at[rl_step] = time.time()
         if self.ps.tp_rank == 0 and self.store.add(f"tlt/{rl_step}/done", 1) == self.ps.dp_size:
             self.store.set(f"tlt/{rl_step}/all_done", repr(time.time()))
 
-    def _stop_time(self, rl_step: int) -> Optional[float]:
+    def _stop_time(self, rl_step: object) -> Optional[float]:
         """The stop signal's wall-clock time, or None while it is not up (one store round trip)."""
         key = f"tlt/{rl_step}/all_done"
         return float(self.store.get(key)) if self.store.check([key]) else None
 
-    def _wait_for_stop(self, rl_step: int) -> float:
+    def _wait_for_stop(self, rl_step: object) -> float:
         key = f"tlt/{rl_step}/all_done"
         try:
             self.store.wait([key], timedelta(seconds=self.max_wait_s))
@@ -132,7 +132,7 @@ class SpotTrainer:
             raise RuntimeError(f"rollout {rl_step}: not every DP replica finished within {self.max_wait_s:.0f} s") from e
         return float(self.store.get(key))
 
-    def _decide(self, rl_step: int) -> tuple[int, float]:
+    def _decide(self, rl_step: object) -> tuple[int, float]:
         """(STOP | WAIT | STEP, the stop signal's time or 0): decided by TP rank 0, the same on all TP ranks."""
         decision = torch.zeros(2, dtype=torch.float64)  # [action, stop time]
         if self.ps.tp_rank == 0:
@@ -146,7 +146,7 @@ class SpotTrainer:
         return int(decision[0]), float(decision[1])
 
     # ---- training ----
-    def train_until_rollout_ends(self, rl_step: int) -> SpotStats:
+    def train_until_rollout_ends(self, rl_step: object) -> SpotStats:
         """Drafter steps on this rank's buffer until every DP replica has finished rollout `rl_step`."""
         if rl_step not in self._finished_at:
             raise RuntimeError(f"call rollout_finished({rl_step}) before train_until_rollout_ends({rl_step})")
@@ -173,7 +173,7 @@ class SpotTrainer:
         self._pending += stats
         return stats
 
-    def spot_train(self, rl_step: int) -> SpotStats:
+    def spot_train(self, rl_step: object) -> SpotStats:
         """`rollout_finished` then `train_until_rollout_ends`: call when this rank's rollout is done."""
         self.rollout_finished(rl_step)
         return self.train_until_rollout_ends(rl_step)

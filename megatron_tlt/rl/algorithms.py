@@ -46,12 +46,13 @@ arithmetic, so garbage (even inf/NaN) logprobs at masked positions never reach t
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 Normaliser = Union[int, float, torch.Tensor]  # a count: Python number or 0-dim tensor (e.g. all-reduced)
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rewards [N], group_ids [N]) -> advantages [N]
+BatchSum = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the whole batch (e.g. an all-reduce over DP)
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 TRUNCATED_FINISH_REASON = "length"  # rollout `Completion.finish_reason` of a response cut at the length limit
@@ -61,6 +62,8 @@ _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: finite in fp32/bf16, far beyond any clip
 # ----------------------------------------------------------------------------------------------
 # Advantages
 # ----------------------------------------------------------------------------------------------
+# All estimators but REINFORCE++'s are group-local: with whole groups on each DP rank they need no
+# communication. REINFORCE++ scales by one batch-wide std: `batch_sum` reduces its three moments.
 
 
 def _check_rewards(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -112,13 +115,20 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
     return centered * n / (n - 1).clamp_min(1)
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE++-baseline: (r - group mean) / (sample std of that over the whole batch + eps). [N], [N] -> [N]."""
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6, batch_sum: Optional[BatchSum] = None
+) -> torch.Tensor:
+    """REINFORCE++-baseline: (r - group mean) / (sample std of that over the whole batch + eps). [N], [N] -> [N].
+
+    `batch_sum` sums a tensor over the whole batch when it is spread over DP ranks (each holding whole
+    groups); the std then comes from the global count, sum and sum of squares (one [3] reduction)."""
     rewards = _check_rewards(rewards, group_ids)
     centered, _, _ = _centered_by_group(rewards, group_ids)
-    if centered.numel() < 2:
+    moments = torch.stack([centered.new_tensor(float(centered.numel())), centered.sum(), centered.square().sum()])
+    count, total, total_sq = (moments if batch_sum is None else batch_sum(moments)).tolist()
+    if count < 2:
         return centered
-    std = centered.std()
+    std = torch.tensor(max(total_sq - total * total / count, 0.0) / (count - 1), dtype=centered.dtype).sqrt()
     return centered / (std + eps).masked_fill(std == 0, 1.0)  # std == 0 only where centered == 0
 
 
@@ -135,6 +145,13 @@ def advantage_fn(name: str) -> AdvantageFn:
     if name not in ADVANTAGES:
         raise ValueError(f"unknown advantage estimator {name!r}; valid: {', '.join(ADVANTAGES)}")
     return ADVANTAGES[name]
+
+
+def compute_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor, batch_sum: Optional[BatchSum] = None) -> torch.Tensor:
+    """`advantage_fn(name)(rewards, group_ids)`, with the batch-wide reduction `batch_sum` for the estimators
+    that need one (reinforce_pp) when the batch is spread over ranks. [N], [N] -> [N]."""
+    fn = advantage_fn(name)
+    return fn(rewards, group_ids, batch_sum=batch_sum) if fn is reinforce_pp_advantages else fn(rewards, group_ids)
 
 
 # ----------------------------------------------------------------------------------------------

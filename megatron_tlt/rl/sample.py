@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FINISH_REASONS = ("stop", "length", "prompt_too_long")  # the rollout engine's `Completion.finish_reason`s
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -27,7 +29,7 @@ class Sample:
     reward: float = 0.0
     advantage: float = 0.0
     group: int = 0  # samples of the same prompt share a group (the prompt's global id in its step)
-    finish_reason: str = "stop"  # "stop" | "length" | "prompt_too_long"
+    finish_reason: str = "stop"  # one of FINISH_REASONS
     trained: bool = True  # False: the sample takes no loss (e.g. a masked overlong response)
     policy_version: int = 0  # optimizer steps the sampling policy had taken (its weight version)
 

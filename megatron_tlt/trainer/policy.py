@@ -3,8 +3,8 @@
 `PolicyTrainer.step(samples)` over `rl.sample.Sample`s (prompt and response tokens, the rollout's
 logprobs, advantage):
 
-1. bin-packs the samples into micro-batches by token count (`optim.micro_batch_tokens`), the number
-   of bins a multiple of the DP size, and gives each DP rank a share balanced by tokens;
+1. takes this DP rank's micro-batches, bin-packed by token count (`optim.micro_batch_tokens`) and
+   balanced by tokens across DP ranks by `coordinator.exchange` (which also brought the samples here);
 2. counts the loss normalisers over the whole step (all-reduced over DP), so the sum of the
    micro-batch losses is exactly the full-batch loss (`rl.algorithms.policy_loss`);
 3. per micro-batch: one packed forward to the final hidden states, chunked vocab-parallel logprobs
@@ -18,7 +18,8 @@ taken detached from the same forward (ratio 1 in value, the PPO gradient intact)
 rollout's own logprobs is reported as `logprob_gap_rollout` (a check of rollout/trainer numerics).
 
     trainer = PolicyTrainer(model, cfg.optim, cfg.algo, ps, total_steps=cfg.run.steps, temperature=1.0)
-    metrics, hidden = trainer.step(samples, max_response_len=512, collect_hidden=True)
+    batch = exchange_for_update(local_samples, cfg.optim.micro_batch_tokens, ps)
+    metrics, hidden = trainer.step(batch.samples, batch.micro_batches, max_response_len=512, collect_hidden=True)
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tlt.config.schema import AlgoConfig, OptimConfig
-from megatron_tlt.data.packing import balance_across_ranks, pack_sequences, plan_micro_batches, unpack
+from megatron_tlt.data.packing import pack_sequences, unpack
 from megatron_tlt.models.packed import PackedOutput, packed_forward
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
@@ -75,32 +76,28 @@ class PolicyTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _my_bins(self, lengths: list[int]) -> list[list[int]]:
-        """This DP rank's micro-batches (sample indices), balanced by tokens across ranks."""
-        dp = self.ps.dp_size
-        bins = plan_micro_batches(lengths, self.optim_cfg.micro_batch_tokens, num_bins_multiple_of=dp)
-        bin_tokens = [max(sum(lengths[i] for i in b), 1) for b in bins]
-        share = balance_across_ranks(bin_tokens, dp)[self.ps.dp_rank]
-        return [bins[k] for k in sorted(share) if bins[k]]
-
     def _logprobs(self, model, pb, with_grad: bool) -> PackedOutput:
         """The packed forward: logprobs [T], entropy [T] (with_grad) and final hidden [T, H]."""
         with torch.set_grad_enabled(with_grad), self._autocast():
             return packed_forward(model, pb, temperature=self.temperature, compute_entropy=with_grad)
 
-    def step(self, samples: list[Sample], max_response_len: int, collect_hidden: bool = False):
-        """One optimizer step on the global batch `samples` (identical on every DP rank).
+    @property
+    def version(self) -> int:
+        """The policy's weight version: optimizer updates applied so far (skipped ones do not count)."""
+        return self.scheduler.last_epoch
 
-        Returns (metrics, hidden) where hidden maps a sample index of this rank's share to the final hidden
-        states [R + 1, H] at positions len(prompt) - 1 .. end of its sequence (R response tokens; only with
-        collect_hidden): with tokens `(prompt + response)[len(prompt) - 1:]` they make a drafter example.
+    def step(self, samples: list[Sample], micro_batches: list[list[int]], max_response_len: int, collect_hidden: bool = False):
+        """One optimizer step over the step's batch, of which this DP rank trains `samples` in `micro_batches`
+        (index lists into samples; `coordinator.exchange.exchange_for_update` plans both). Every DP rank calls it.
+
+        Returns (metrics, hidden) where hidden maps an index into `samples` to the final hidden states
+        [R + 1, H] over the sample's `response_window` (only with collect_hidden): with the tokens of that
+        window they make a drafter example.
         """
         model, dev = self.model, self.ps.device
         model.train()
-        seqs = [s.prompt_ids + s.response_ids for s in samples]
         masks = [[False] * len(s.prompt_ids) + [s.trained] * len(s.response_ids) for s in samples]
-        my_bins = self._my_bins([len(x) for x in seqs])
-        packs = [pack_sequences([seqs[i] for i in b], ids=b, train_masks=[masks[i] for i in b]) for b in my_bins]
+        packs = [pack_sequences([samples[i].tokens for i in b], ids=b, train_masks=[masks[i] for i in b]) for b in micro_batches]
 
         norms = torch.zeros(2, dtype=torch.float64)
         for pb in packs:

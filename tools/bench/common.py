@@ -2,7 +2,7 @@
 
 Speculative decoding is only as fast as the drafter is accepted, so a benchmark needs a policy whose
 outputs are structured and a drafter that learned them. `trained_models(args, ps)` builds both with
-the library's own warm-up (`pipeline.warm_up`): the policy is trained supervised (packed) on a
+the library's own warm-up (`step.warmup.warm_up`): the policy is trained supervised (packed) on a
 built-in synthetic task's worked solutions, then it answers training prompts (sampled at the
 rollout temperature, as in RL) and the drafter is trained offline on those samples
 (`drafter.trainer.train_drafter_offline`). Benchmarks then run on the task's held-out prompts, which
@@ -37,7 +37,8 @@ from megatron_tlt.checkpoint.loading import load_model
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import set_seed
 from megatron_tlt.parallel.state import ParallelState
-from megatron_tlt.pipeline import build_datasets, build_engine, build_tokenizer, warm_up
+from megatron_tlt.step.setup import build_datasets, build_engine, build_tokenizer
+from megatron_tlt.step.warmup import warm_up
 
 POLICY_DIR, DRAFTER_DIR = "policy", "drafter"
 
@@ -107,13 +108,13 @@ class _Lines(logging.Handler):
 
 
 def _train_and_save(cfg: Config, ps: ParallelState, tokenizer, tokenizer_dir: Path, train: PromptDataset, root: Path) -> None:
-    """Warm the policy and the drafter up from scratch (`pipeline.warm_up`) and save them under `root`."""
+    """Warm the policy and the drafter up from scratch (`step.warmup.warm_up`) and save them under `root`."""
     set_seed(cfg.run.seed)
     policy = Policy(cfg.model, ps.tp_group).to(ps.device)
     engine, _ = build_engine(cfg, policy, ps)  # cfg.rollout.spec is "off": a plain engine for the drafter's samples
     drafter = Drafter(policy).to(ps.device)
     lines = _Lines()
-    logger = logging.getLogger("megatron_tlt.pipeline")
+    logger = logging.getLogger("megatron_tlt.step.warmup")
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
     start = time.perf_counter()

@@ -1,0 +1,95 @@
+"""Building a run: tokenizer, policy, held-out and training prompts, the rollout engine and its drafter.
+
+    tokenizer, tok_dir = build_tokenizer(cfg, run_dir, ps)
+    model = build_policy(cfg, ps)                       # a fresh policy, or run.model_path (HF dir or checkpoint)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer)
+    engine, drafter = build_engine(cfg, model, ps)      # drafter None unless rollout.spec != off
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_tlt.config.schema import Config, RolloutConfig
+from megatron_tlt.data.datasets import PromptDataset
+from megatron_tlt.data.tokenizer import build_test_tokenizer, load_tokenizer
+from megatron_tlt.models.transformer import Policy
+from megatron_tlt.parallel.state import ParallelState
+from megatron_tlt.rollout import DEFAULT_SHAPES, DraftSelector, RolloutEngine, SamplingParams
+
+
+def build_tokenizer(cfg: Config, run_dir: Path, ps: ParallelState):
+    """The tokenizer dir: data.tokenizer, else the model dir, else a built-in test tokenizer that the main
+    rank writes into the run dir."""
+    tok_dir = cfg.data.tokenizer or cfg.run.model_path
+    if tok_dir is None:
+        tok_dir = run_dir / "tokenizer"
+        if ps.is_main:
+            build_test_tokenizer(tok_dir, vocab_size=cfg.model.vocab_size)
+        if ps.world_size > 1:
+            dist.barrier()
+    return load_tokenizer(tok_dir), Path(tok_dir)
+
+
+def build_policy(cfg: Config, ps: ParallelState) -> Policy:
+    """A freshly initialised policy from `cfg.model`, or the one at `run.model_path` (then `cfg.model` is set from it)."""
+    if cfg.run.model_path is None:
+        return Policy(cfg.model, ps.tp_group).to(ps.device)
+    from megatron_tlt.checkpoint.loading import load_model
+
+    model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device, attention_backend=cfg.model.attention_backend)
+    cfg.model = model.cfg
+    return model
+
+
+def build_engine(cfg: Config, model: Policy, ps: ParallelState):
+    """The rollout engine over the policy's own weights (colocated), with the drafter when SD is on.
+    Returns (engine, drafter or None)."""
+    drafter, selector = None, None
+    if cfg.rollout.spec != "off":
+        from megatron_tlt.drafter.io import load_drafter
+        from megatron_tlt.drafter.model import Drafter
+
+        drafter = load_drafter(cfg.drafter.path, model) if cfg.drafter.path else Drafter(model).to(ps.device)
+    if cfg.rollout.spec == "adaptive":
+        selector = DraftSelector(list(DEFAULT_SHAPES.values()), max_spec_batch=cfg.rollout.max_spec_batch, seed=cfg.run.seed)
+    engine = RolloutEngine(
+        model, cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30), drafter=drafter, spec=cfg.rollout.spec, selector=selector,
+        cuda_graphs=cfg.rollout.cuda_graphs,
+        max_seq_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings),
+    )
+    return engine, drafter
+
+
+def frozen_copy(model: Policy) -> Policy:
+    """A frozen reference policy with the same weights (for the KL term)."""
+    ref = Policy(model.cfg, model.tp_group, init_weights=False).to(next(model.parameters()).device)
+    ref.load_state_dict(model.state_dict())
+    return ref.requires_grad_(False).eval()
+
+
+def build_datasets(cfg: Config, tokenizer) -> tuple[PromptDataset, PromptDataset]:
+    """(train, held-out) prompt datasets; a file's last `eval_examples` rows are held out."""
+    d = cfg.data
+    kw = dict(max_prompt_tokens=d.max_prompt_tokens, apply_chat_template=d.apply_chat_template)
+    if d.path is None:
+        if d.task is None:
+            raise ValueError("set data.path (a jsonl/parquet file) or data.task (a built-in task)")
+        train = PromptDataset.from_task(d.task, d.num_examples, cfg.run.seed, tokenizer, d.task_args, **kw)
+        held_out = PromptDataset.from_task(d.task, d.eval_examples, cfg.run.seed + 1, tokenizer, d.task_args, **kw)
+        return train, held_out
+    full = PromptDataset.from_file(d.path, tokenizer, prompt_key=d.prompt_key, answer_key=d.answer_key, **kw)
+    k = min(d.eval_examples, len(full) // 10)
+    if k == 0:
+        return full, PromptDataset(full.examples[-1:])
+    return PromptDataset(full.examples[:-k]), PromptDataset(full.examples[-k:])
+
+
+def sampling_params(r: RolloutConfig, tokenizer, seed: int, greedy: bool = False) -> SamplingParams:
+    """The rollout's sampling parameters (greedy: temperature 0, one sample per prompt)."""
+    stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    return SamplingParams(
+        temperature=0.0 if greedy else r.temperature, top_p=1.0 if greedy else r.top_p, top_k=0 if greedy else r.top_k,
+        max_new_tokens=r.max_new_tokens, stop_token_ids=stop, n=1 if greedy else r.n, seed=seed,
+    )
