@@ -3,8 +3,8 @@
 One RL step: rollout -> rewards -> advantages -> packed policy update, then log and checkpoint. The
 rollout engine and the trainer share the policy module (and so its weights): no weight sync is
 needed. Under torchrun each DP rank rolls out its share of the step's prompts and keeps their groups:
-rewards and advantages are computed where a group lives, and `coordinator.exchange` moves to each rank
-only the samples it trains on, in token-balanced micro-batches.
+rewards and advantages are computed where a group lives, and `coordinator.exchange` balances the update's
+micro-batches by tokens, moving a sample to another rank only when the balance needs it.
 
 TLT (`rollout.spec` != off with `drafter.online`, `step/tlt.py`): a rank whose rollout is done trains
 the drafter on its buffer of (tokens, target hidden states) while slower ranks still generate, stops

@@ -126,7 +126,7 @@ def step_metrics(batch, tally: StepTally, step_s: float, spec_on: bool, ps: Para
     this rank's tally, and the rollout's critical path (the slowest DP rank's rollout time)."""
     lengths = batch.response_lengths
     metrics = {
-        "reward_mean": sum(batch.rewards) / max(len(lengths), 1), **length_stats(lengths), "step_time_s": step_s,
+        "reward_mean": batch.reward_mean, **length_stats(lengths), "step_time_s": step_s,
         "tokens_per_s": sum(lengths) / step_s, "num_samples": len(lengths), "dp_exchange_bytes": batch.bytes_received,
         **tally.summary(spec_on),
     }
