@@ -145,15 +145,16 @@ def example_bytes(example: DrafterExample) -> int:
 
 
 def from_trainer_output(samples: Sequence["Sample"], hidden: dict[int, torch.Tensor]) -> list[DrafterExample]:
-    """Drafter examples from `PolicyTrainer.step(samples, ..., collect_hidden=True)`'s hidden dict.
+    """Drafter examples from `PolicyTrainer.step(samples, micro_batches, ..., collect_hidden=True)`'s hidden dict.
 
-    hidden[i]: [R + 1, H], the final hidden states of sample i at positions len(prompt) - 1 .. end, paired
-    with tokens (prompt + response)[len(prompt) - 1:] ([R + 1]), in sample order.
+    hidden[i]: [R + 1, H], the final hidden states of sample i over its `response_window` (rl/sample.py: the
+    position that produces the first response token .. the end), paired with the tokens of that window
+    ([R + 1]), in sample order.
     """
     examples = []
     for i in sorted(hidden):
         s = samples[i]
-        tokens = torch.tensor((s.prompt_ids + s.response_ids)[len(s.prompt_ids) - 1 :], dtype=torch.int64)  # [R + 1]
+        tokens = torch.tensor(s.tokens[s.response_window], dtype=torch.int64)  # [R + 1]
         if hidden[i].shape[0] != tokens.shape[0]:
             raise ValueError(f"sample {i}: {hidden[i].shape[0]} hidden states for {tokens.shape[0]} tokens")
         examples.append(DrafterExample(tokens, hidden[i]))
