@@ -5,7 +5,7 @@
 set -euo pipefail
 config=${1:?usage: $0 CONFIG.yaml [key=value ...]}
 shift
-: "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 : "${NNODES:?set NNODES}"
 : "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
 nproc=${NPROC_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
