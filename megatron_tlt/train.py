@@ -63,13 +63,18 @@ def train(cfg: Config) -> Path:
     else:
         warm_up(cfg, model, drafter, engine, tokenizer, train_ds, ps)
 
-    def held_out() -> float:
-        return evaluate(engine, eval_ds, reward_fn, tokenizer, cfg.rollout.max_new_tokens, ps)
+    def held_out() -> float:  # scored by the pool: the rollouts' reward timeout and accounting
+        return evaluate(engine, eval_ds, pool, tokenizer, cfg.rollout.max_new_tokens, ps)
 
-    first_accuracy = last_accuracy = held_out()
+    pool = RewardPool(reward_fn, cfg.reward.num_workers, cfg.reward.timeout_s)  # before the first evaluation
+    try:
+        first_accuracy = last_accuracy = held_out()
+    except BaseException:
+        pool.close()
+        raise
     if ps.is_main:
         print(f"[train] held-out accuracy before RL: {100 * first_accuracy:.1f}%", flush=True)
-    with RewardPool(reward_fn, cfg.reward.num_workers, cfg.reward.timeout_s) as pool, MetricsLogger(
+    with pool, MetricsLogger(
         run_dir, cfg.run.steps, start, enabled=ps.is_main, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project
     ) as logger:
         for step in range(start, cfg.run.steps):

@@ -11,6 +11,7 @@ against these names in tests/test_config.py, so the two cannot drift apart.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -219,6 +220,13 @@ class OptimConfig:
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096  # packing budget per micro-batch
     bf16: bool = True  # autocast on GPU (ignored on CPU)
+    max_bad_updates: int = 3  # consecutive skipped / rolled-back (non-finite) policy updates before the run stops
+
+    def __post_init__(self):
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr={self.lr!r} is not supported; supported: a finite number > 0 (e.g. 1e-5)")
+        if self.max_bad_updates < 1:
+            raise ValueError(f"optim.max_bad_updates={self.max_bad_updates!r} is not supported; supported: an integer >= 1")
 
 
 @dataclass

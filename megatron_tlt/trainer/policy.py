@@ -11,7 +11,12 @@ logprobs, advantage):
    and entropy (`ops.logprob`), PPO-clip loss, backward. The hidden states of the response tokens
    come back for the drafter's buffer from this same forward (no second pass);
 4. sums gradients over DP, clips by the global norm (TP-sharded parameters counted once per shard),
-   and skips the update, logged, if the loss or the norm is not finite.
+   and skips the update, logged, if the loss or the norm is not finite;
+5. checks the weights after `optimizer.step()`: if any is non-finite on any rank (a finite gradient can
+   still overflow, e.g. with a huge lr, or torch refuses the step size as an overflow), the step is
+   rolled back to the pre-step weights and AdamW state (kept as a copy for that), logged, and not counted
+   as a version. After `optim.max_bad_updates` consecutive skipped or rolled-back updates the run stops
+   with `TrainingDiverged` (a UserError: one line at the CLI, exit code 2, the broken state never saved).
 
 On-policy with one optimizer step per RL step, the "old" logprobs equal the current ones, so they are
 taken detached from the same forward (ratio 1 in value, the PPO gradient intact); the gap to the
@@ -32,6 +37,7 @@ import torch.distributed as dist
 
 from megatron_tlt.config.schema import AlgoConfig, OptimConfig
 from megatron_tlt.data.packing import pack_sequences, unpack
+from megatron_tlt.errors import UserError
 from megatron_tlt.models.packed import PackedOutput, packed_forward
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
@@ -56,6 +62,10 @@ def _rollout_logprobs_at_targets(pb, samples: list[Sample], device) -> torch.Ten
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+class TrainingDiverged(UserError):
+    """`optim.max_bad_updates` consecutive policy updates were skipped or rolled back: the run cannot go on."""
+
+
 class PolicyTrainer:
     def __init__(self, model, optim: OptimConfig, algo: AlgoConfig, ps: ParallelState, total_steps: int,
                  temperature: float = 1.0, ref_model=None):
@@ -70,6 +80,7 @@ class PolicyTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_schedule(s, total_steps, optim.warmup_steps, optim.min_lr_ratio)
         )
+        self.bad_updates = 0  # consecutive skipped or rolled-back updates
 
     def _autocast(self):
         if self.ps.device.type == "cuda" and self.optim_cfg.bf16:
@@ -144,11 +155,68 @@ class PolicyTrainer:
             log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_value, float(grad_norm))
             self.optimizer.zero_grad(set_to_none=True)
             metrics["skipped_update"] = 1.0
+            self._count_bad_update(f"non-finite loss ({loss_value}) or grad norm ({grad_norm})")
             return metrics, hidden_out
         clip_grads_(model.parameters(), self.optim_cfg.grad_clip, torch.tensor(grad_norm))
-        self.optimizer.step()
+        saved = self._snapshot()
+        try:
+            self.optimizer.step()
+            why = None if self._weights_finite() else "non-finite weights after the update"
+        except RuntimeError as e:  # torch refuses a step size that overflows the parameter dtype (mid-step)
+            if "overflow" not in str(e):
+                self._restore(saved)
+                raise
+            why = f"the update overflowed ({e})"
+        if why is not None:
+            self._restore(saved)
+            log.warning("%s (lr %s): update rolled back to the pre-step weights and optimizer state", why, metrics["lr"])
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics["skipped_update"] = 1.0
+            metrics["rolled_back_update"] = 1.0
+            self._count_bad_update(f"{why} (lr {metrics['lr']})")
+            return metrics, hidden_out
         self.scheduler.step()
+        self.bad_updates = 0
         return metrics, hidden_out
+
+    # ---- the non-finite guard ----
+    def _count_bad_update(self, why: str) -> None:
+        self.bad_updates += 1
+        limit = self.optim_cfg.max_bad_updates
+        if self.bad_updates >= limit:
+            raise TrainingDiverged(
+                f"{self.bad_updates} consecutive policy updates skipped or rolled back (optim.max_bad_updates={limit}); "
+                f"last: {why}. Stopping: lower optim.lr or check the data and rewards"
+            )
+
+    @torch.no_grad()
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        """Copies of the parameters and the AdamW state, to undo one `optimizer.step()`."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()}
+                 for p in params if p in self.optimizer.state}
+        return [p.detach().clone() for p in params], state
+
+    @torch.no_grad()
+    def _restore(self, saved: tuple[list[torch.Tensor], dict]) -> None:
+        weights, state = saved
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for p, w in zip(params, weights):
+            p.copy_(w)
+            if p in state:
+                self.optimizer.state[p] = state[p]
+            else:
+                self.optimizer.state.pop(p, None)
+
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        """Every parameter finite on every rank (TP shards differ; one collective over the world)."""
+        bad = torch.zeros(1, dtype=torch.float32, device=self.ps.device)
+        for p in self.model.parameters():
+            bad += (~torch.isfinite(p)).any().float()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return float(bad) == 0.0
 
     def state_dict(self) -> dict:
         return {"scheduler": self.scheduler.state_dict()}
