@@ -219,6 +219,7 @@ def test_cpu_backend_is_sdpa_segments():
         select_backend.cache_clear()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
 def test_cuda_backends_match_sdpa_segments(backend):

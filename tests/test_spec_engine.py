@@ -187,6 +187,7 @@ def test_static_shapes_equal_exact_shapes(model, drafters, spec, monkeypatch):
     assert (engine.stats.spec_steps > 0) == (spec != "off")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
 @pytest.mark.parametrize("spec", ["off", "tree"])
 def test_cuda_graphs_equal_eager_on_gpu(model, spec):
