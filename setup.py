@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "matplotlib",
         "tensorboard",
+        "math-verify>=0.9.0,<0.10",  # the math reward's LaTeX -> sympy equivalence (rl/verifiers.py)
     ],
     extras_require={
         "test": ["pytest>=7", "import-linter>=2.1"],

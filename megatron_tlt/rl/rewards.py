@@ -14,8 +14,9 @@ path, "my_pkg.my_mod:fn" or "my_pkg.my_mod.fn". Several terms make a weighted su
         rewards, stats = pool.compute(responses, examples)   # rewards in input order
 
 Failures never stop the run: a call that raises, returns a non-finite number, kills its worker
-or runs past `timeout_s` scores 0.0 and is counted in `RewardStats`; each batch with failures logs
-one warning line that includes the first failure's message.
+or runs past `timeout_s` scores 0.0 and is counted in `RewardStats` (a TimeoutError it raises, e.g.
+a verifier refusing an input too expensive to check, counts as a timeout); each batch with failures
+logs one warning line that includes the first failure's message.
 
 Why our own worker processes rather than `concurrent.futures.ProcessPoolExecutor`: an executor
 cannot cancel a call that is already running, so one hung reward would hold a worker (and, at
@@ -148,15 +149,19 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
-def _call(fn: RewardFn, response: str, example: Mapping[str, Any]) -> tuple[float, Optional[str]]:
-    """(reward, None), or (0.0, error message) if fn raised or returned something other than a finite number."""
+def _call(fn: RewardFn, response: str, example: Mapping[str, Any]) -> tuple[float, Optional[str], bool]:
+    """(reward, None, False), or (0.0, message, timed_out) if fn raised or returned something other than a
+    finite number. A TimeoutError (a verifier giving up on an input too expensive to check, e.g.
+    `verifiers.VerificationTimeout`) counts as a timeout, like a call the pool kills at its deadline."""
     try:
         value = fn(response, example)
+    except TimeoutError as e:
+        return 0.0, _describe(e), True
     except Exception as e:
-        return 0.0, _describe(e)
+        return 0.0, _describe(e), False
     if isinstance(value, numbers.Real) and math.isfinite(value):
-        return float(value), None
-    return 0.0, f"reward function returned {value!r}, not a finite number"
+        return float(value), None, False
+    return 0.0, f"reward function returned {value!r}, not a finite number", False
 
 
 # --- the pool ------------------------------------------------------------------------------------
@@ -278,9 +283,9 @@ class RewardPool:
         batch = _Batch(len(responses))
         if self.num_workers == 0:
             for i, (response, example) in enumerate(zip(responses, examples)):
-                batch.rewards[i], error = _call(self.reward_fn, response, example)
+                batch.rewards[i], error, timed_out = _call(self.reward_fn, response, example)
                 if error is not None:
-                    batch.errors[i] = error
+                    (batch.timeouts if timed_out else batch.errors)[i] = error
         else:
             if not self._workers:
                 raise RuntimeError("RewardPool is closed")
@@ -341,10 +346,10 @@ class RewardPool:
             self.close()
             raise UserError(f"reward function failed to load in a worker process: {message[1]}")
         else:
-            index, reward, error = message
+            index, reward, error, timed_out = message
             batch.rewards[index] = reward
             if error is not None:
-                batch.errors[index] = error
+                (batch.timeouts if timed_out else batch.errors)[index] = error
             worker.task = None
 
     def _on_death(self, k: int, batch: _Batch) -> None:
