@@ -25,7 +25,7 @@ from megatron_tlt.data.tokenizer import TOKENIZER_FILES
 from megatron_tlt.metrics import MetricsLogger
 from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.rewards import RewardPool, build_reward_fn
-from megatron_tlt.step.checkpointing import RunState, latest_checkpoint
+from megatron_tlt.step.checkpointing import RunState, open_run_dir
 from megatron_tlt.step.evaluate import evaluate
 from megatron_tlt.step.setup import build_datasets, build_engine, build_policy, build_tokenizer, frozen_copy, sampling_params
 from megatron_tlt.step.stages import StepTally, assign_advantages, drop_equal_reward_groups, num_groups, rollout, score, step_metrics
@@ -41,6 +41,8 @@ def train(cfg: Config) -> Path:
     set_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # run.resume / run.overwrite: the checkpoint to continue from, or None (refuses another run's directory)
+    resume_from = open_run_dir(run_dir, cfg.run.resume, cfg.run.overwrite, cfg.run.steps)
     tokenizer, tok_dir = build_tokenizer(cfg, run_dir, ps)
     model = build_policy(cfg, ps)
     if ps.is_main:
@@ -56,10 +58,10 @@ def train(cfg: Config) -> Path:
     tokenizer_files = {f: tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()}
 
     start = 0
-    resume_from = latest_checkpoint(run_dir) if cfg.run.resume else None
     if resume_from is not None:
-        start = state.load(resume_from)
-        log.info("resumed from %s after %d steps", resume_from, start)
+        start = state.load(resume_from, verify=False)  # open_run_dir verified it
+        log.info("resumed from %s after %d steps%s", resume_from, start,
+                 " (the run is already complete)" if start == cfg.run.steps else "")
     else:
         warm_up(cfg, model, drafter, engine, tokenizer, train_ds, ps)
 

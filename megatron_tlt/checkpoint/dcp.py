@@ -57,6 +57,7 @@ from megatron_tlt.checkpoint.publish import (
     rank,
     require_complete,
     tmp_sibling,
+    verify_files,
     write_durable,
 )
 from megatron_tlt.config import ModelConfig, to_yaml
@@ -189,8 +190,9 @@ def read_model_config(path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {p} has no {CONFIG_FILE}")
     try:
         return load_config(p / CONFIG_FILE, schema=ModelConfig)
-    except ConfigError as e:
-        raise CheckpointError(f"{p / CONFIG_FILE}: {e}") from None
+    except ConfigError as e:  # malformed YAML names file:line already; a bad value names its key
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(str(p / CONFIG_FILE)) else f"{p / CONFIG_FILE}: {msg}") from None
 
 
 def _write_small_files(tmp: Path, path: Path, model_config: ModelConfig, meta, files) -> None:
@@ -241,13 +243,40 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path, model: nn.Module, *, tp_group=None, states: Optional[dict[str, dict]] = None) -> dict:
+def verify_checkpoint(path, states=()) -> Path:
+    """`path` if it is a complete checkpoint whose config, meta, model and named `states` match the checksums
+    written at save (and whose model_config.yaml parses); else a CheckpointError naming the file and why."""
+    p = require_complete(path, FORMAT, WHAT)
+    verify_files(p, [CONFIG_FILE, META_FILE, MODEL_DIR, *states])
+    read_model_config(p)
+    return p
+
+
+def _verify_on_rank0(path, states) -> None:
+    """verify_checkpoint in one process (every rank would read every byte otherwise); all ranks raise its error."""
+    error = None
+    if rank() == 0:
+        try:
+            verify_checkpoint(path, states)
+        except CheckpointError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def load_checkpoint(path, model: nn.Module, *, tp_group=None, states: Optional[dict[str, dict]] = None,
+                    verify: bool = True) -> dict:
     """Load the model (at its current TP degree, whatever it was saved at) and the named `states` in place.
 
     `states` must have the saved structure with tensors allocated (e.g. an optimizer state dict whose state
-    is initialised); DCP fills them. Returns the checkpoint's meta.json (empty if none).
+    is initialised); DCP fills them. Returns the checkpoint's meta.json (empty if none). The files read are
+    first checked against the checksums written at save (on rank 0; `verify=False` when the caller just did).
+    Every rank of the default group must call it.
     """
     p = require_complete(path, FORMAT, WHAT)
+    if verify:
+        _verify_on_rank0(p, list(states or {}))
     read_model_config(p)
     tp_group = tp_group if tp_group is not None else getattr(model, "tp_group", None)
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
@@ -259,13 +288,19 @@ def load_checkpoint(path, model: nn.Module, *, tp_group=None, states: Optional[d
         _dcp_load(module_state(model, tp_group), p / MODEL_DIR)
     for name, state in states.items():
         _dcp_load(state, p / name)
-    return json.loads((p / META_FILE).read_text()) if (p / META_FILE).is_file() else {}
+    if not (p / META_FILE).is_file():
+        return {}
+    try:
+        return json.loads((p / META_FILE).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{p / META_FILE} is not valid JSON: {e}") from None
 
 
 def load_full_state_dict_from_checkpoint(path, name: str = MODEL_DIR) -> dict[str, torch.Tensor]:
     """Full (unsharded) tensors of the model (or of the saved state `name`, e.g. "drafter"), in their saved
     dtypes, read in this process alone (no process group)."""
     p = require_complete(path, FORMAT, WHAT)
+    verify_files(p, [name])
     md = _read_metadata(p / name)
     full = {
         name: torch.empty(m.size, dtype=m.properties.dtype)

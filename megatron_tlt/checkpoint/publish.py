@@ -9,9 +9,10 @@ How (`publish`):
 1. the writer fills a sibling temporary directory `PATH.tmp-<random>` (`tmp_sibling`), on any number
    of ranks;
 2. every file and directory under it is fsynced;
-3. a `COMPLETE` marker naming the format (`{"format": "megatron_tlt/1", ..., "saved_at": ...}`) is written
-   last, durably; loaders of our own formats accept only a directory whose marker has their format
-   (`require_complete`). Directories in a foreign layout (Hugging Face model dirs) get no marker: their
+3. a `COMPLETE` marker naming the format (`{"format": "megatron_tlt/1", ..., "files": {relpath: [bytes,
+   sha256]}, "saved_at": ...}`) is written last, durably; loaders of our own formats accept only a directory
+   whose marker has their format (`require_complete`), and `verify_files` checks every file against the
+   manifest (a flipped byte or a truncated shard is a CheckpointError naming the file, never NaN weights). Directories in a foreign layout (Hugging Face model dirs) get no marker: their
    readers do not know one, and for them the rename below is the commit;
 4. an existing PATH is moved aside (`PATH.tmp-<random>-old`), the new directory renamed in, the parent
    fsynced, and only then the old copy deleted. At every instant PATH is the old directory, the new one,
@@ -26,14 +27,16 @@ is initialised, and are no-ops in a single process.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -109,6 +112,57 @@ def _fsync_tree(root: Path) -> None:
         fsync_path(Path(dirpath))
 
 
+# ---- the file manifest (checksums written at publish, verified at load) ----
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_manifest(root: Path) -> dict[str, list]:
+    """{relative path: [size in bytes, sha256]} of every file under `root` but the COMPLETE marker."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            f = Path(dirpath) / name
+            rel = f.relative_to(root).as_posix()
+            if rel != COMPLETE:
+                out[rel] = [f.stat().st_size, _sha256(f)]
+    return dict(sorted(out.items()))
+
+
+def verify_files(path, names: Optional[Iterable[str]] = None) -> None:
+    """Check the files of a published directory (those whose first path part is in `names`, or all) against
+    the manifest in its COMPLETE marker: CheckpointError naming the first missing, resized or changed file.
+    Directories published before manifests existed (no "files" in the marker) pass unchecked."""
+    p = Path(path)
+    try:
+        manifest = json.loads((p / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"{p / COMPLETE} is unreadable or not a JSON object") from None
+    if manifest is None:
+        return
+    wanted = None if names is None else set(names)
+    for rel, (size, digest) in manifest.items():
+        if wanted is not None and rel.split("/", 1)[0] not in wanted:
+            continue
+        f = p / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing (listed in {COMPLETE})")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file {f} is truncated or resized ({f.stat().st_size} bytes, {size} when saved)")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 differs from the one written at save")
+
+
+def stale_temporaries(parent: Path) -> list[Path]:
+    """`*.tmp-<token>` (and `*.tmp-<token>-old`) directories under `parent`: left by interrupted saves or swaps."""
+    pattern = re.compile(r"^.+" + re.escape(TMP_INFIX) + r"[0-9a-f]+(-old)?$")
+    return sorted(q for q in parent.iterdir() if pattern.match(q.name)) if parent.is_dir() else []
+
+
 # ---- markers ----
 def read_format(path) -> Optional[str]:
     """The format named in `path`'s COMPLETE marker; None without a (readable) marker."""
@@ -164,7 +218,7 @@ def publish(tmp: Path, path: Path, fmt: Optional[str], info: Optional[dict] = No
     then swap it in for `path`: at every instant `path` is the old directory, the new one, or absent."""
     _fsync_tree(tmp)
     if fmt is not None:
-        marker = {"format": fmt, **(info or {}), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        marker = {"format": fmt, **(info or {}), "files": file_manifest(tmp), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_durable(tmp / COMPLETE, json.dumps(marker))
         fsync_path(tmp)
     old = None

@@ -12,7 +12,8 @@ import difflib
 from pathlib import Path
 from typing import Any, Iterable, Optional, Type, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from megatron_tlt.config.schema import Config
@@ -62,6 +63,31 @@ def _explain(err: OmegaConfBaseException, schema: type) -> ConfigError:
     return ConfigError(f"bad value for config key '{key}': {msg}" if key else f"bad config: {msg}")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return str(problem)
+
+
+def _load_yaml(p: Path):
+    """The YAML mapping in `p`; ConfigError naming `file:line` for malformed YAML, bad bytes or a non-mapping."""
+    try:
+        data = OmegaConf.load(p)
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: malformed YAML ({_yaml_problem(e)})") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{p}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{p}: expected a YAML mapping of config keys, got a list")
+    return data
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = (), schema: Type[T] = Config) -> T:
     """Merge schema defaults <- YAML file <- `key=value` overrides; return the typed dataclass."""
     base = OmegaConf.structured(schema)
@@ -70,13 +96,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        layers.append(OmegaConf.load(p))
+        layers.append(_load_yaml(p))
     overrides = list(overrides)
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not of the form key=value")
-    if overrides:
-        layers.append(OmegaConf.from_dotlist(overrides))
+        try:
+            layers.append(OmegaConf.from_dotlist([o]))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {o!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {o!r}: {str(e).splitlines()[0]}") from None
     try:
         # '???' must be checked before merging into the schema, where it turns into None for Optional fields.
         missing = sorted(OmegaConf.missing_keys(OmegaConf.merge(*layers))) if layers else []

@@ -26,6 +26,7 @@ CUDA_GRAPH_MODES = ("auto", "off", "eager", "capture")  # rollout.cuda_graphs.GR
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")  # rl.algorithms.ADVANTAGES
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # rl.algorithms.AGGREGATIONS
 OVERLONG_MODES = ("none", "mask", "penalty")
+RESUME_MODES = ("auto", "true", "false")  # run.resume
 BUILTIN_REWARDS = ("math", "countdown", "format")  # rl.rewards.BUILTIN_REWARDS
 # data.synthetic.TASKS: task name -> the keyword arguments of its generator (data.task_args)
 SYNTHETIC_TASKS = {
@@ -39,6 +40,17 @@ def check_choice(key: str, value, choices) -> None:
     """ValueError naming `key`, the bad value and the valid ones unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{key}={value!r} is not supported; supported: {', '.join(map(str, choices))}")
+
+
+def check_range(key: str, value, *, ge=None, gt=None, le=None, lt=None, integer: bool = False) -> None:
+    """ValueError naming `key` and the valid range unless `value` is a finite number within it."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le) and (lt is None or value < lt)
+    if not ok:
+        bounds = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
+                  f"<= {le}" if le is not None else "", f"< {lt}" if lt is not None else ""]
+        what = "an integer" if integer else "a finite number"
+        raise ValueError(f"{key}={value!r} is not supported; supported: {what} {' and '.join(b for b in bounds if b)}".rstrip())
 
 
 def _yaml_off(value):
@@ -56,6 +68,10 @@ class RopeScalingConfig:
 
     def __post_init__(self):
         check_choice("model.rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
+        check_range("model.rope_scaling.factor", self.factor, gt=0)
+        check_range("model.rope_scaling.low_freq_factor", self.low_freq_factor, gt=0)
+        check_range("model.rope_scaling.high_freq_factor", self.high_freq_factor, gt=0)
+        check_range("model.rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings, ge=1, integer=True)
 
 
 @dataclass
@@ -87,6 +103,14 @@ class ModelConfig:
         check_choice("model.arch", self.arch, SUPPORTED_ARCHS)
         check_choice("model.params_dtype", self.params_dtype, DTYPES)
         check_choice("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_kv_heads",
+                    "max_position_embeddings", "make_vocab_size_divisible_by"):
+            check_range(f"model.{key}", getattr(self, key), ge=1, integer=True)
+        if self.head_dim is not None:
+            check_range("model.head_dim", self.head_dim, ge=1, integer=True)
+        check_range("model.rope_theta", self.rope_theta, gt=0)
+        check_range("model.rms_norm_eps", self.rms_norm_eps, gt=0)
+        check_range("model.init_std", self.init_std, ge=0)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError("model.hidden_size must be divisible by model.num_attention_heads when head_dim is unset")
@@ -128,6 +152,11 @@ class DataConfig:
     tokenizer: Optional[str] = None  # tokenizer dir; default: the model dir, or a built-in test tokenizer for fresh models
 
     def __post_init__(self):
+        for key in ("max_prompt_tokens", "num_examples", "eval_examples"):
+            check_range(f"data.{key}", getattr(self, key), ge=1, integer=True)
+        for key in ("prompt_key", "answer_key"):
+            if not getattr(self, key):
+                raise ValueError(f"data.{key}={getattr(self, key)!r} is not supported; supported: a non-empty field name")
         if self.task is not None:
             check_choice("data.task", self.task, tuple(SYNTHETIC_TASKS))
             unknown = sorted(set(self.task_args) - set(SYNTHETIC_TASKS[self.task]))
@@ -154,6 +183,13 @@ class RolloutConfig:
         self.spec, self.cuda_graphs = _yaml_off(self.spec), _yaml_off(self.cuda_graphs)
         check_choice("rollout.spec", self.spec, SPEC_MODES)
         check_choice("rollout.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        check_range("rollout.n", self.n, ge=1, integer=True)
+        check_range("rollout.temperature", self.temperature, ge=0)  # 0 = greedy
+        check_range("rollout.top_p", self.top_p, gt=0, le=1)
+        check_range("rollout.top_k", self.top_k, ge=0, integer=True)  # 0 = off
+        check_range("rollout.max_new_tokens", self.max_new_tokens, ge=1, integer=True)
+        check_range("rollout.kv_cache_gb", self.kv_cache_gb, gt=0)
+        check_range("rollout.max_spec_batch", self.max_spec_batch, ge=1, integer=True)
 
 
 @dataclass
@@ -178,6 +214,7 @@ class RewardItem:
                 f"reward.fns[].name={self.name!r} is not supported; supported: {', '.join(BUILTIN_REWARDS)} "
                 "or an import path 'pkg.module:function' (or 'pkg.module.function')"
             )
+        check_range("reward.fns[].weight", self.weight)
 
 
 @dataclass
@@ -185,6 +222,10 @@ class RewardConfig:
     fns: list[RewardItem] = field(default_factory=lambda: [RewardItem()])
     num_workers: int = 2  # reward process pool; 0 = inline (no timeout)
     timeout_s: float = 10.0  # per call; a timeout or crash gives reward 0 and is counted
+
+    def __post_init__(self):
+        check_range("reward.num_workers", self.num_workers, ge=0, integer=True)
+        check_range("reward.timeout_s", self.timeout_s, gt=0)
 
 
 @dataclass
@@ -207,6 +248,12 @@ class AlgoConfig:
         check_choice("algo.overlong", self.overlong, OVERLONG_MODES)
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ValueError(f"algo.dual_clip={self.dual_clip!r} is not supported; supported: a number > 1 (e.g. 3), or null (off)")
+        check_range("algo.clip_low", self.clip_low, ge=0, lt=1)
+        check_range("algo.clip_high", self.clip_high, ge=0)
+        check_range("algo.kl_coef", self.kl_coef, ge=0)
+        check_range("algo.max_refill_rounds", self.max_refill_rounds, ge=0, integer=True)
+        check_range("algo.overlong_buffer", self.overlong_buffer, ge=1 if self.overlong == "penalty" else 0, integer=True)
+        check_range("algo.overlong_penalty", self.overlong_penalty, ge=0)
 
 
 @dataclass
@@ -227,6 +274,14 @@ class OptimConfig:
             raise ValueError(f"optim.lr={self.lr!r} is not supported; supported: a finite number > 0 (e.g. 1e-5)")
         if self.max_bad_updates < 1:
             raise ValueError(f"optim.max_bad_updates={self.max_bad_updates!r} is not supported; supported: an integer >= 1")
+        check_range("optim.weight_decay", self.weight_decay, ge=0)
+        for i, beta in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", beta, ge=0, lt=1)
+        check_range("optim.eps", self.eps, gt=0)
+        check_range("optim.warmup_steps", self.warmup_steps, ge=0, integer=True)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_range("optim.grad_clip", self.grad_clip, ge=0)  # 0 = no clipping
+        check_range("optim.micro_batch_tokens", self.micro_batch_tokens, ge=1, integer=True)
 
 
 @dataclass
@@ -237,13 +292,32 @@ class RunConfig:
     model_path: Optional[str] = None  # HF dir or megatron_tlt checkpoint to start from; None = fresh model from `model`
     save_every: int = 0  # RL steps between checkpoints; 0 = only at the end
     eval_every: int = 0  # RL steps between held-out evaluations; 0 = only before and after
-    resume: bool = False  # continue from the latest checkpoint in `dir`
+    # auto: continue from the newest checkpoint in `dir` that verifies, else start fresh (refusing a `dir` that
+    # holds another run's checkpoints or metrics); true: continue, an error if no checkpoint verifies;
+    # false: start fresh (refusing such a `dir` unless run.overwrite=true). One of RESUME_MODES.
+    resume: str = "auto"
+    overwrite: bool = False  # start fresh, deleting the checkpoints and metrics of the run already in `dir`
     seed: int = 1234
     sft_steps: int = 0  # supervised warm-up on the synthetic task's worked solutions before RL (demo)
     sft_lr: float = 3e-3
     sft_batch: int = 32  # sequences per warm-up step
     tensorboard: bool = True  # when the tensorboard package is installed
     wandb_project: Optional[str] = None  # log to wandb when installed and set
+
+    def __post_init__(self):
+        self.resume = {"True": "true", "False": "false"}.get(self.resume, self.resume)  # YAML booleans arrive as 'True'
+        check_choice("run.resume", self.resume, RESUME_MODES)
+        if self.overwrite and self.resume == "true":
+            raise ValueError("run.overwrite=true starts a fresh run: it cannot be combined with run.resume=true")
+        if not self.dir:
+            raise ValueError("run.dir='' is not supported; supported: a directory path")
+        check_range("run.steps", self.steps, ge=1, integer=True)
+        check_range("run.prompts_per_step", self.prompts_per_step, ge=1, integer=True)
+        check_range("run.save_every", self.save_every, ge=0, integer=True)
+        check_range("run.eval_every", self.eval_every, ge=0, integer=True)
+        check_range("run.sft_steps", self.sft_steps, ge=0, integer=True)
+        check_range("run.sft_lr", self.sft_lr, gt=0)
+        check_range("run.sft_batch", self.sft_batch, ge=1, integer=True)
 
 
 @dataclass

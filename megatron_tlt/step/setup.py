@@ -57,9 +57,16 @@ def build_engine(cfg: Config, model: Policy, ps: ParallelState):
     engine = RolloutEngine(
         model, cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30), drafter=drafter, spec=cfg.rollout.spec, selector=selector,
         cuda_graphs=cfg.rollout.cuda_graphs,
-        max_seq_len=min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, model.cfg.max_position_embeddings),
+        max_seq_len=rollout_max_seq_len(cfg, model.cfg),
     )
     return engine, drafter
+
+
+def rollout_max_seq_len(cfg: Config, model_cfg=None) -> int:
+    """The rollout engine's context: prompt + response tokens, at most the model's window (`model_cfg`, default
+    cfg.model: the built policy's config once build_policy ran)."""
+    window = (model_cfg or cfg.model).max_position_embeddings
+    return min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, window)
 
 
 def frozen_copy(model: Policy) -> Policy:
@@ -70,9 +77,11 @@ def frozen_copy(model: Policy) -> Policy:
 
 
 def build_datasets(cfg: Config, tokenizer) -> tuple[PromptDataset, PromptDataset]:
-    """(train, held-out) prompt datasets; a file's last `eval_examples` rows are held out."""
+    """(train, held-out) prompt datasets; a file's last `eval_examples` rows are held out. Prompts that leave no
+    room for a response in the rollout's context are skipped and counted here, at load (call after build_policy)."""
     d = cfg.data
-    kw = dict(max_prompt_tokens=d.max_prompt_tokens, apply_chat_template=d.apply_chat_template)
+    kw = dict(max_prompt_tokens=d.max_prompt_tokens, apply_chat_template=d.apply_chat_template,
+              max_context=rollout_max_seq_len(cfg))
     if d.path is None:
         if d.task is None:
             raise ValueError("set data.path (a jsonl/parquet file) or data.task (a built-in task)")
