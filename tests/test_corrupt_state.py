@@ -135,3 +135,28 @@ def test_resume_true_without_a_verifying_checkpoint_is_a_clear_error(tmp_path, p
         open_run_dir(tmp_path / "run", "true", False, steps=10)
     # nothing is deleted: the broken checkpoint is kept aside for inspection
     assert (ckpts / "skipped" / "step_1" / "model").is_dir()
+
+
+def _two_rank_worker(rank: int, world_size: int, run: str) -> None:
+    from pathlib import Path
+
+    from megatron_tlt.errors import UserError
+
+    assert open_run_dir(Path(run), "auto", False, steps=10) == Path(run) / "checkpoints" / "step_1"  # rank 0 decides
+    try:
+        open_run_dir(Path(run), "false", False, steps=10)
+    except UserError as e:  # every rank raises rank 0's error: none waits in a later collective
+        assert "holds another run" in str(e)
+    else:
+        raise AssertionError(f"rank {rank}: no error")
+
+
+def test_every_rank_gets_rank0s_decision(tmp_path, ps):
+    from dist_utils import run_distributed
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    _save(ckpts / "step_1", 1)
+    _save(ckpts / "step_2", 2)
+    _flip_16_bytes(_shard(ckpts / "step_2"))
+    run_distributed(_two_rank_worker, world_size=2, args=(str(tmp_path / "run"),))
+    assert (ckpts / "skipped" / "step_2").is_dir()

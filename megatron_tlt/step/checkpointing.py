@@ -134,13 +134,12 @@ def _decide(run_dir: Path, resume: str, overwrite: bool, steps: int) -> Optional
     options = ("set run.resume=true (or auto) to continue it, run.overwrite=true to delete it and start over, "
                "or choose another run.dir")
     if overwrite:
-        for name in _RUN_OUTPUTS:
+        deleted = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
+        for name in deleted:
             target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        log.warning("run.overwrite=true: deleted the checkpoints and metrics of the earlier run in %s", run_dir)
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if deleted:
+            log.warning("run.overwrite=true: deleted %s of the earlier run in %s", ", ".join(deleted), run_dir)
         return None
     if resume == "false":
         held = _holds_a_run(run_dir)
