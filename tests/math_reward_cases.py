@@ -242,6 +242,17 @@ CASES = [
     ("plain", r"\boxed{12345678901234567891}", "12345678901234567890", 0),
     ("plain", r"\boxed{3 \times 10^5}", "300000", 1),
     ("plain", r"\boxed{3 \times 10^4}", "300000", 0),
+    # --- equations: every side that is not a variable must be the answer ------------------------
+    ("equiv", r"\boxed{2+4=6}", "6", 1),
+    ("equiv", r"\boxed{5=6}", "6", 0),
+    ("equiv", r"\boxed{1=2=3=6}", "6", 0),  # a chain of claims is a hedge
+    ("equiv", r"\boxed{6}", "y = 6", 1),
+    ("equiv", r"\boxed{\theta = \frac{\pi}{2}}", r"\frac{\pi}{2}", 1),
+    ("equiv", r"\boxed{f(x) = x^2 + 1}", "x^2+1", 1),
+    ("units", r"\boxed{\approx 7}", "7", 0),
+    ("units", r"\boxed{x \approx 7}", "7", 0),
+    ("choice", r"\boxed{(A) and (B)}", "A", 0),
+    ("choice", r"\boxed{(B) \text{ or } (C)}", "C", 0),
     # --- plainly wrong -----------------------------------------------------------------------
     ("wrong", r"\boxed{41}", "42", 0),
     ("wrong", r"\boxed{\frac{1}{3}}", r"\frac{1}{4}", 0),

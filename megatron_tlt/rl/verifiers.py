@@ -323,7 +323,8 @@ _TRAILING_WORDS_RE = re.compile(r"^([-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:\s*/\s*\
 _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\overline\{(\d+)\}")
 _WORD_RE = re.compile(r"[A-Za-z]+|\d+")
 _CHOICE_RE = re.compile(r"\(?\s*([A-J])\s*\)?")
-_CHOICE_PRED_RE = re.compile(r"\(\s*([A-J])\s*\)(?:\s.*)?|([A-J])\s*[).:]?", re.DOTALL)
+_CHOICE_PRED_RE = re.compile(r"\(\s*([A-J])\s*\)(\s.*)?", re.DOTALL)  # "(D) 12": the letter, then its option
+_OTHER_CHOICE_RE = re.compile(r"\(\s*[A-J]\s*\)|\b[A-J]\b|\b(?:or|and)\b", re.IGNORECASE)
 # Words that change the quantity or hedge: they must appear on both sides.
 _QUALIFIERS = frozenset(
     "thousand thousands million millions billion billions trillion hundred hundreds dozen dozens half "
@@ -392,13 +393,16 @@ def _parts(answer: str) -> _Parts:
     if choice:
         return _Parts("choice", choice.group(1))
     choice = _CHOICE_PRED_RE.fullmatch(_TEXT_GROUP_RE.sub(lambda m: m.group(1), s).strip())  # \textbf{(D) } 12
-    if choice and choice.group(1):
+    if choice and not _OTHER_CHOICE_RE.search(choice.group(2) or ""):
         return _Parts("choice", choice.group(1))
     if re.fullmatch(r"[A-Za-z][A-Za-z\s'-]+", s) and (whole_text or " " in s.strip()):
         return _Parts("text", " ".join(s.lower().split()))
     units: set = set()
     qualifiers: list = []
     core = _TEXT_GROUP_RE.sub(lambda m: _words(m.group(1), units, qualifiers) or " ", s)
+    if re.search(r"\\(?:approx|sim|simeq)(?![A-Za-z])|≈", core):  # "\approx 7" claims an approximation
+        qualifiers.append("approximately")
+        core = re.sub(r"^.*(?:\\(?:approx|sim|simeq)(?![A-Za-z])|≈)", "", core)
     trailing = _TRAILING_WORDS_RE.match(core.strip())
     if trailing:
         _words(trailing.group(2), units, qualifiers)
@@ -473,6 +477,9 @@ def _sympy(core: str) -> tuple:
     return tuple(_exact(p) for p in parsed)
 
 
+_VARIABLE_RE = re.compile(r"\s*(?:(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z, ]*\))?)?\s*")  # x, y_1, f(x), ""
+
+
 def _has_decimal(core: str) -> bool:
     return re.search(r"\d\.\d|(?<!\d)\.\d", core) is not None
 
@@ -499,10 +506,10 @@ def _math_equal(pred: str, gold: str) -> bool:
         return pred_fast == gold_fast
     _check_cost(pred)
     _check_cost(gold)
-    if "=" in pred and "=" not in gold:
-        pred = _ASSIGNMENT_RE.sub("", pred)
-    elif "=" in gold and "=" not in pred:
-        gold = _ASSIGNMENT_RE.sub("", gold)
+    if ("=" in pred) != ("=" in gold):  # "x = 5" == "5", "2+3=5" == "5", but "5 = 6" != "6"
+        equation, value = (pred, gold) if "=" in pred else (gold, pred)
+        sides = [side for side in equation.split("=") if not _VARIABLE_RE.fullmatch(side)]
+        return bool(sides) and all(_math_equal(side, value) for side in sides)
     gold_parsed, pred_parsed = list(_sympy(gold)), list(_sympy(pred))
     if not gold_parsed or not pred_parsed:
         return normalize_math(pred) == normalize_math(gold)
