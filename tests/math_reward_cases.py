@@ -249,6 +249,10 @@ CASES = [
     ("equiv", r"\boxed{6}", "y = 6", 1),
     ("equiv", r"\boxed{\theta = \frac{\pi}{2}}", r"\frac{\pi}{2}", 1),
     ("equiv", r"\boxed{f(x) = x^2 + 1}", "x^2+1", 1),
+    ("units", r"\boxed{5\text{ cm}^2}", r"5\text{ cm}", 0),  # an area for a length
+    ("units", r"\boxed{5\text{ cm}^2}", r"5\text{ cm}^2", 1),
+    ("units", r"\boxed{5 cm^2}", "5", 1),
+    ("units", r"\boxed{5\text{ m}^3}", r"5\text{ m}^2", 0),
     ("units", r"\boxed{\approx 7}", "7", 0),
     ("units", r"\boxed{x \approx 7}", "7", 0),
     ("choice", r"\boxed{(A) and (B)}", "A", 0),

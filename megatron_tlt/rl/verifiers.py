@@ -321,7 +321,7 @@ _TEXT_GROUP_RE = re.compile(_TEXT_CMD + r"\{([^{}]*)\}(\^\{?\d\}?)?")
 # "5 cm", "12 thousand", "5 apples": words after a plain number (not "\\sin^2 x + \\cos^2 x").
 _TRAILING_WORDS_RE = re.compile(r"^([-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+)?)\s+([A-Za-z][A-Za-z\s/^{}\d.]*?)\s*$")
 _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\overline\{(\d+)\}")
-_WORD_RE = re.compile(r"[A-Za-z]+|\d+")
+_WORD_RE = re.compile(r"[A-Za-z]+(?:\s*\^\s*\{?\d\}?)?|\d+")  # "cm^2" is one unit
 _CHOICE_RE = re.compile(r"\(?\s*([A-J])\s*\)?")
 _CHOICE_PRED_RE = re.compile(r"\(\s*([A-J])\s*\)(\s.*)?", re.DOTALL)  # "(D) 12": the letter, then its option
 _OTHER_CHOICE_RE = re.compile(r"\(\s*[A-J]\s*\)|\b[A-J]\b|\b(?:or|and)\b", re.IGNORECASE)
@@ -361,11 +361,12 @@ class _Parts:
 
 def _words(text: str, units: set, qualifiers: list) -> None:
     for word in _WORD_RE.findall(text):
+        word, _, power = re.sub(r"[\s{}]", "", word).partition("^")
         lower = word.lower()
         if word.isdigit() or lower in _QUALIFIERS:
             qualifiers.append(lower)
         elif lower not in _IGNORED_WORDS:
-            units.add(_unit(word))
+            units.add(_unit(word) + ("^" + power if power else ""))
 
 
 def _repeating_fraction(m: re.Match) -> str:
@@ -399,7 +400,7 @@ def _parts(answer: str) -> _Parts:
         return _Parts("text", " ".join(s.lower().split()))
     units: set = set()
     qualifiers: list = []
-    core = _TEXT_GROUP_RE.sub(lambda m: _words(m.group(1), units, qualifiers) or " ", s)
+    core = _TEXT_GROUP_RE.sub(lambda m: _words(m.group(1) + (m.group(2) or ""), units, qualifiers) or " ", s)
     if re.search(r"\\(?:approx|sim|simeq)(?![A-Za-z])|≈", core):  # "\approx 7" claims an approximation
         qualifiers.append("approximately")
         core = re.sub(r"^.*(?:\\(?:approx|sim|simeq)(?![A-Za-z])|≈)", "", core)
