@@ -324,12 +324,13 @@ _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\overline\{(\d+)\}")
 _WORD_RE = re.compile(r"[A-Za-z]+(?:\s*\^\s*\{?\d\}?)?|\d+")  # "cm^2" is one unit
 _CHOICE_RE = re.compile(r"\(?\s*([A-J])\s*\)?")
 _CHOICE_PRED_RE = re.compile(r"\(\s*([A-J])\s*\)(\s.*)?", re.DOTALL)  # "(D) 12": the letter, then its option
+_LEADING_RELATION_RE = re.compile(r"\s*(?:\\(?:geq?|leq?|neq?|geqslant|leqslant|gg|ll)(?![A-Za-z])|[<>≤≥≠]=?)")
 _OTHER_CHOICE_RE = re.compile(r"\(\s*[A-J]\s*\)|\b[A-J]\b|\b(?:or|and)\b", re.IGNORECASE)
 # Words that change the quantity or hedge: they must appear on both sides.
 _QUALIFIERS = frozenset(
     "thousand thousands million millions billion billions trillion hundred hundreds dozen dozens half "
     "thousandths hundredths tenths or possibly maybe perhaps probably approximately approx about around "
-    "roughly nearly almost least most more less than not no between either and plus minus negative".split()
+    "roughly nearly almost least most more less than not no between either and plus minus negative k".split()
 )
 _IGNORED_WORDS = frozenset("percent percentage pct per a an of the".split())
 _UNIT_SYNONYMS = {
@@ -401,6 +402,10 @@ def _parts(answer: str) -> _Parts:
     units: set = set()
     qualifiers: list = []
     core = _TEXT_GROUP_RE.sub(lambda m: _words(m.group(1) + (m.group(2) or ""), units, qualifiers) or " ", s)
+    relation = _LEADING_RELATION_RE.match(core)
+    if relation:  # "\\geq 4" is not 4
+        qualifiers.append(relation.group(0).strip())
+        core = core[relation.end() :]
     if re.search(r"\\(?:approx|sim|simeq)(?![A-Za-z])|≈", core):  # "\approx 7" claims an approximation
         qualifiers.append("approximately")
         core = re.sub(r"^.*(?:\\(?:approx|sim|simeq)(?![A-Za-z])|≈)", "", core)
@@ -495,12 +500,24 @@ def _exactly_equal(gold, pred) -> bool:
         return False
 
 
+def _shape(core: str) -> str:
+    """"set" for \\{...\\}, "bracketed" for a bracket pair around a comma list ("(1,2)", "[0,1)"), else ""."""
+    core = core.strip()
+    if core.startswith("\\{") and core.endswith("\\}"):
+        return "set"
+    if core[:1] in "([" and core[-1:] in ")]" and "," in core:
+        return "bracketed"
+    return ""
+
+
 def _math_equal(pred: str, gold: str) -> bool:
     """Whether the two cores (no units or words left) are the same mathematical object."""
     if not pred or not gold:
         return False
     if pred == gold:
         return True
+    if {_shape(pred), _shape(gold)} == {"set", "bracketed"}:  # a set is not a tuple or an interval
+        return False
     pred_fast = as_fraction(normalize_math(pred)) if "=" not in pred else None
     gold_fast = as_fraction(normalize_math(gold)) if "=" not in gold else None
     if pred_fast is not None and gold_fast is not None:
