@@ -315,11 +315,11 @@ _SURFACE_DELETE = (
     "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\qquad", "\\quad", "~", "\\$", "$",
     "^{\\circ}", "^\\circ", "{}^\\circ", "\\circ", "\\degree", "°", "\\%", "%",
 )
-_SURFACE_REPLACE = (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("−", "-"), ("{,}", ","), ("\\(", ""),
-                    ("\\)", ""), ("\\[", ""), ("\\]", ""))
+_SURFACE_REPLACE = (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\varnothing", "\\emptyset"), ("−", "-"),
+                    ("{,}", ","), ("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", ""))
 _TEXT_GROUP_RE = re.compile(_TEXT_CMD + r"\{([^{}]*)\}(\^\{?\d\}?)?")
 # "5 cm", "12 thousand", "5 apples": words after a plain number (not "\\sin^2 x + \\cos^2 x").
-_TRAILING_WORDS_RE = re.compile(r"^([-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+)?)\s+([A-Za-z][A-Za-z\s/^{}\d.]*?)\s*$")
+_TRAILING_WORDS_RE = re.compile(r"^([-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+|\\frac\{\d+\}\{\d+\})(?:\s*/\s*\d+)?)\s+([A-Za-z][A-Za-z\s/^{}\d.]*?)\s*$")
 _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\overline\{(\d+)\}")
 _WORD_RE = re.compile(r"[A-Za-z]+(?:\s*\^\s*\{?\d\}?)?|\d+")  # "cm^2" is one unit
 _CHOICE_RE = re.compile(r"\(?\s*([A-J])\s*\)?")
