@@ -261,6 +261,9 @@ class RewardPool:
                     f"reward function {reward_fn!r} cannot be sent to worker processes (define it at module level): {_describe(e)}"
                 ) from e
             self._ctx = mp.get_context("forkserver")
+            # The server imports the built-in rewards (sympy, math-verify: ~1 s) once, so a worker replaced
+            # after a timeout starts in milliseconds; no effect if this process's server already runs.
+            self._ctx.set_forkserver_preload(["megatron_tlt.rl.rewards"])
             self._workers = [_Worker(self._ctx, self._fn_bytes) for _ in range(num_workers)]
 
     def __enter__(self) -> RewardPool:
