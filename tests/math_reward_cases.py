@@ -58,6 +58,11 @@ CASES = [
     ("hedge", r"\boxed{\pm 3}", r"\pm 3", 1),
     ("hedge", r"\boxed{3, -3}", r"\pm 3", 1),
     ("hedge", "#### 12 or 13", "12", 0),
+    ("hedge", r"\boxed{3} (or possibly 4).", "3", 0),
+    ("hedge", r"The answer is \boxed{3}, though it could also be 4.", "3", 0),
+    ("hedge", r"\boxed{3} or 4", "3", 0),
+    ("hedge", r"\boxed{3} or equivalently $\frac{6}{2}$.", "3", 1),
+    ("hedge", r"\boxed{3}. Or, to double-check: 2+1 = 3.", "3", 1),
     ("hedge", r"\boxed{A \text{ or } B}", "A", 0),
     ("hedge", r"\boxed{(A) or (B)}", "B", 0),
     # --- self-correction: judged on the last answer --------------------------------------------

@@ -20,8 +20,9 @@ Where the final answer is, in order of precedence:
    "Final Answer: The final answer is $X$. I hope it is correct." reads X.
 
 Several answers (hedges) score 0 (`final_answers` returns them all; `math_reward` needs every one to
-equal the gold): boxes joined only by "or" / "and" / commas ("either \\boxed{3} or \\boxed{4}"), and
-"X or Y" inside one answer. A self-correction ("\\boxed{4}, no wait, \\boxed{5}") or boxes separated by
+equal the gold): boxes joined only by "or" / "and" / commas ("either \\boxed{3} or \\boxed{4}"),
+"X or Y" inside one answer, and an alternative in the same sentence right after the last box
+("\\boxed{3} (or possibly 4)", "\\boxed{3}, though it could also be 4"). A self-correction ("\\boxed{4}, no wait, \\boxed{5}") or boxes separated by
 reasoning are judged on the last box.
 
 How two answers compare (`math_equal`), after LaTeX spacing, `$`, `\\left`/`\\right` and wrappers are
@@ -101,6 +102,13 @@ _HEDGE_GAP_RE = re.compile(
     re.IGNORECASE,
 )
 _MAX_HEDGE_GAP = 80
+# An alternative stated right after the last box, in the same sentence.
+_TAIL_HEDGE_RE = re.compile(
+    r"[$\s,;(]*(?:though\s+|but\s+)?(?:(?:it|this|the answer)\s+)?"
+    r"(?:or(?:\s+(?:possibly|maybe|perhaps|equivalently))?|(?:could|might|may)\s+also\s+be|alternatively)\b:?"
+    r"(?P<other>[^.\n]*?[\d\\][^\n]*?)(?=\.\s|\.$|\n|$)",
+    re.IGNORECASE,
+)
 _ALTERNATIVES_RE = re.compile(r"\s+or\s+|\\(?:text|mbox|textrm|mathrm)\s*\{\s*or\s*\}|\bor\b(?=\s*[\\$\d(-])", re.IGNORECASE)
 
 
@@ -199,6 +207,9 @@ def final_answers(text: str) -> list[str]:
                 break
             chain.insert(0, box)
         contents = [c for c in (_clean(b[2]) for b in chain) if c is not None]
+        tail = _TAIL_HEDGE_RE.match(text, boxes[-1][1], min(len(text), boxes[-1][1] + _MAX_HEDGE_GAP))
+        if tail:  # "\\boxed{3} (or possibly 4)", "\\boxed{3}, though it could also be 4"
+            contents.append(tail.group("other").strip(" $()."))
     else:
         answer = extract_answer(text)
         contents = [answer] if answer is not None else []
