@@ -11,4 +11,4 @@ shift
 nproc=${NPROC_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$nproc" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-megatron_tlt}" \
-    -m megatron_tlt.cli train "$config" "$@"
+    --no-python megatron-tlt train "$config" "$@"

@@ -6,4 +6,4 @@ set -euo pipefail
 config=${1:?usage: $0 CONFIG.yaml [key=value ...]}
 shift
 nproc=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
-exec torchrun --standalone --nproc-per-node "$nproc" -m megatron_tlt.cli train "$config" "$@"
+exec torchrun --standalone --nproc-per-node "$nproc" --no-python megatron-tlt train "$config" "$@"

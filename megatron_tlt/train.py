@@ -116,6 +116,7 @@ def train(cfg: Config) -> Path:
             logger.log(step, metrics, response_lengths=batch.response_lengths)
             if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.steps:
                 state.save(run_dir / "checkpoints" / f"step_{done}", done, tokenizer_files)
+    tlt.close()  # this rank ended normally: the peer watchdog stops watching it
     if ps.is_main:
         print(f"[train] held-out accuracy after RL: {100 * last_accuracy:.1f}% (before: {100 * first_accuracy:.1f}%)", flush=True)
         print(f"[train] run directory: {run_dir.resolve()}", flush=True)

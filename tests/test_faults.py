@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_tlt.cli import main as cli_main
 from megatron_tlt.config import ModelConfig, load_config
@@ -184,3 +185,179 @@ def test_a_hanging_reward_does_not_hang_the_run(tmp_path):
     # evaluation before (2 prompts) and after (2) and one step's 4 rollouts, each call cut at 0.5 s by 2 workers
     assert (run_dir / "checkpoints" / "step_1").is_dir()
     assert elapsed < 60.0, f"the run took {elapsed:.1f} s"
+
+
+# ---- item 1: a TLT rank outlives its dead peer -------------------------------------------------------
+
+
+def _spot_ps(**kw):
+    import dataclasses
+
+    return dataclasses.replace(init_parallel(), **kw)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["training", "waiting"])
+def test_spot_training_gives_up_after_max_wait_s(buffered):
+    """A replica that never finishes (alive but stuck): spot training ends at drafter.max_wait_s, training or not."""
+    import time
+
+    from megatron_tlt.coordinator.spot import SpotTrainer
+    from megatron_tlt.drafter import Drafter
+    from megatron_tlt.drafter.data import DrafterBuffer, policy_examples
+    from megatron_tlt.drafter.trainer import DrafterTrainer
+
+    ps = _spot_ps(dp_size=2)  # a second DP replica that never reports
+    policy = Policy(CFG, ps.tp_group)
+    trainer = DrafterTrainer(Drafter(policy), lr=1e-3, max_tokens_per_micro_batch=48)
+    buffer = DrafterBuffer(max_bytes=2**20)
+    if buffered:
+        buffer.add(0, policy_examples(policy, [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]], 64))
+    spot = SpotTrainer(trainer, buffer, ps, dist.HashStore(), max_wait_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"not every DP replica finished within drafter.max_wait_s=1 s"):
+        spot.spot_train("0/0")
+    elapsed = time.monotonic() - t0
+    assert 0.95 <= elapsed < 2.0, elapsed  # the bound (time.time() vs monotonic) plus at most one drafter step
+
+
+def _free_port() -> int:
+    from megatron_tlt.parallel.state import free_port
+
+    return free_port()
+
+
+@pytest.mark.parametrize("victim, mode", [
+    pytest.param(1, "train", id="peer-dies-while-training"),  # the default suite's guard of the invariant (~15 s)
+    pytest.param(1, "wait", id="peer-dies-while-waiting", marks=pytest.mark.slow),
+    pytest.param(0, "train", id="store-host-dies", marks=pytest.mark.slow),
+])
+def test_a_dead_peer_ends_the_spot_trainer(tmp_path, victim, mode):
+    """Two real processes; one SIGKILLs itself while the other trains (or waits): the survivor exits with
+    EXIT_PEER_LOST and a message naming the dead rank within peer_timeout_s + 2 heartbeats (+ slack)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from megatron_tlt.coordinator.spot import EXIT_PEER_LOST
+
+    timeout_s, port = 2.0, _free_port()
+    worker = Path(__file__).with_name("spot_fault_worker.py")
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(victim), mode, str(timeout_s)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        procs[victim].wait(timeout=120)
+        died = time.monotonic()
+        survivor = procs[1 - victim]
+        rc = survivor.wait(timeout=60)
+        elapsed = time.monotonic() - died
+        out, err = survivor.communicate()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[victim].returncode == -9
+    assert "spot training" in out and "returned" not in out
+    if victim == 1:
+        assert rc == EXIT_PEER_LOST, (rc, out, err)
+        assert "megatron-tlt: error: rank 1 of 2 sent no heartbeat for" in err, err
+        assert f"rank 0 exits (code {EXIT_PEER_LOST})" in err
+    else:  # the store went with rank 0: the watchdog (exit code) or the spot loop's next store call (RuntimeError) says so
+        assert rc in (EXIT_PEER_LOST, 1), (rc, out, err)
+        assert "the rendezvous store is unreachable from rank 1" in err, err
+    bound = timeout_s + 2 * min(1.0, timeout_s / 4) + 1.0
+    assert elapsed < bound, f"the survivor took {elapsed:.1f} s (bound {bound:.1f} s)"
+    print(f"\n{mode}, victim {victim}: survivor exited {elapsed:.2f} s after the kill: {err.strip().splitlines()[-1]}")
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _env_of(pid: int) -> dict:
+    from pathlib import Path
+
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+
+
+@pytest.mark.slow  # ~55 s on a loaded 2-core machine; test_a_dead_peer_ends_the_spot_trainer guards the same in the default suite
+def test_two_torchrun_nodes_survivor_exits_when_its_peer_is_killed(tmp_path):
+    """launch/torchrun_multi_node.sh on this machine as two nodes (one rank each, c10d rendezvous on 127.0.0.1):
+    a TLT run; once step 0 is logged, rank 1 hangs in its rewards so rank 0 trains the drafter, and rank 1 is
+    killed with SIGKILL. Node 0's launcher must exit non-zero within peer_timeout_s + heartbeats + agent exit."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    port, peer_timeout_s = _free_port(), 3.0
+    hang = tmp_path / "hang"
+    overrides = [
+        f"run.dir={tmp_path / 'run'}", "run.steps=50", "run.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
+        "data.num_examples=32", "data.eval_examples=2", "run.tensorboard=false", "model.hidden_size=32",
+        "model.intermediate_size=64", "model.num_layers=1", "rollout.temperature=1.0", "rollout.spec=chain",
+        "drafter.online=true", "drafter.micro_batch_tokens=64", f"drafter.peer_timeout_s={peer_timeout_s}",
+        "reward.fns=[{name: 'fault_rewards:hangs_on_rank_1'}]", "reward.num_workers=1", "reward.timeout_s=900",
+        "optim.lr=1e-3",
+    ]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NNODES": "2", "NPROC_PER_NODE": "1",
+           "RDZV_ID": f"faults-{port}", "OMP_NUM_THREADS": "1", "MEGATRON_TLT_TEST_HANG": str(hang),
+           "PYTHONPATH": os.pathsep.join([str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    agents, logs = [], []
+    for node in (0, 1):
+        log_file = open(tmp_path / f"node{node}.log", "w+")
+        logs.append(log_file)
+        agents.append(subprocess.Popen(["bash", str(repo / "launch" / "torchrun_multi_node.sh"), *overrides],
+                                       env={**env, "NODE_RANK": str(node)}, stdout=log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True))
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 150
+        while not (metrics.is_file() and metrics.read_text().strip()):  # step 0 done: both buffers hold examples
+            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), [p.read_text() for p in
+                                                                                           map(Path, [f.name for f in logs])]
+            time.sleep(0.2)
+        hang.touch()
+        while not Path(f"{hang}.hanging").exists():  # rank 1 is stuck in its rewards, rank 0 in spot training
+            assert time.monotonic() < deadline, "rank 1 never reached the hanging reward"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        workers = {int(_env_of(pid)["RANK"]): (pid, node) for node, a in enumerate(agents) for pid in _children(a.pid)
+                   if "RANK" in _env_of(pid)}
+        victim_pid, victim_node = workers[1]
+        os.kill(victim_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        survivor = agents[1 - victim_node]
+        rc = survivor.wait(timeout=120)
+        elapsed = time.monotonic() - killed
+        agents[victim_node].wait(timeout=60)
+    finally:
+        for a in agents:
+            try:
+                os.killpg(a.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = (tmp_path / f"node{1 - victim_node}.log").read_text()
+    assert rc != 0 and agents[victim_node].returncode != 0, text
+    assert "megatron-tlt: error: rank 1 of 2 sent no heartbeat for" in text and "rank 0 exits (code 75)" in text, text
+    bound = peer_timeout_s + 2 * min(1.0, peer_timeout_s / 4) + 10.0  # detection + the agent's own shutdown
+    assert elapsed < bound, f"node {1 - victim_node}'s launcher exited {elapsed:.1f} s after the kill (bound {bound:.1f} s)"
+    print(f"\nsurvivor's launcher exited {rc} {elapsed:.2f} s after the kill")

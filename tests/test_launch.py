@@ -24,3 +24,11 @@ def test_bash_parses(script):
 def test_shellcheck_is_clean(script):
     r = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, f"shellcheck {script.name}:\n{r.stdout}{r.stderr}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_torchrun_runs_the_installed_console_script(script):
+    # `torchrun -m megatron_tlt.cli` fails (a package without __main__.py): the scripts run the console script.
+    text = script.read_text()
+    assert "-m megatron_tlt.cli" not in text and "--no-python megatron-tlt train" in text
+    assert shutil.which("megatron-tlt"), "the megatron-tlt console script is not installed (pip install -e .)"

@@ -201,6 +201,12 @@ class DrafterConfig:
     micro_batch_tokens: int = 2048  # tokens per drafter step (the unit of preemption)
     warmup_steps: int = 0  # offline drafter steps on the policy's own samples before RL (after the policy warm-up)
     warmup_prompts: int = 64  # training prompts the policy answers for the drafter warm-up
+    max_wait_s: float = 7200.0  # spot training: a rank's rollout end -> every replica's; longer stops the run (a stuck replica)
+    peer_timeout_s: float = 60.0  # TLT with >1 process: a rank silent this long is dead; every rank exits non-zero
+
+    def __post_init__(self):
+        check_range("drafter.max_wait_s", self.max_wait_s, gt=0)
+        check_range("drafter.peer_timeout_s", self.peer_timeout_s, gt=0)
 
 
 @dataclass

@@ -42,12 +42,27 @@ signal, sum), stop_latency_s (signal -> out of the loop, max), merge_time_s (thi
 A single DP replica is always the last to finish: its stop signal is up before it asks, so it takes no
 step. Interleaving drafter steps with decoding on one replica is a separate policy, not done here.
 
+A dead peer ends every rank in bounded time (`PeerWatchdog`, started by `step.tlt` for a TLT run of more
+than one process): each rank's watchdog thread heartbeats through the rendezvous store (its own client
+connection) every `interval_s` and watches one ring neighbour's heartbeat; a neighbour silent for
+`drafter.peer_timeout_s`, or an unreachable store, raises a run-wide abort key that every watchdog polls,
+and each rank then prints one line naming the dead rank and exits with `EXIT_PEER_LOST`, whatever phase
+its main thread is in (a drafter step, a store wait, a collective). Detection takes at most
+peer_timeout_s + 2 * interval_s. A rank that ends normally marks itself done first (`close`). Separately,
+`train_until_rollout_ends` gives up with a RuntimeError when the stop signal is not up within
+`drafter.max_wait_s` of this rank's rollout end (a live but stuck replica), whether it is training or
+waiting.
+
 `rl_step` names one rollout and must be unique per store for the life of the process group (its keys are a
 few bytes and never deleted): the driver passes `str(coordinator.assignment.RolloutId(step, round))`.
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -61,8 +76,11 @@ from megatron_tlt.drafter.data import DrafterBuffer, from_trainer_output
 from megatron_tlt.drafter.trainer import DrafterTrainer
 from megatron_tlt.parallel.state import ParallelState
 
+log = logging.getLogger(__name__)
+
 STOP, WAIT, STEP = 0, 1, 2  # TP rank 0's decision before each step
 MERGE_BUCKET_BYTES = 64 << 20  # fp32 bytes reduced per collective by `merge`
+EXIT_PEER_LOST = 75  # the exit code of a rank that ends because a peer died
 
 
 def buckets(tensors: Sequence[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
@@ -100,8 +118,9 @@ class SpotTrainer:
     """Preemptible drafter training while other DP replicas still roll out (see the module docstring).
 
     `seed` seeds the micro-batch order: rollout `rl_step` on DP rank d draws with
-    `random.Random(f"{seed}/{d}/{rl_step}")`, the same on the TP ranks of a replica. `max_wait_s` bounds a
-    WAIT on the slowest replica's rollout, so a replica that died cannot hang the others forever.
+    `random.Random(f"{seed}/{d}/{rl_step}")`, the same on the TP ranks of a replica. `max_wait_s` bounds the
+    time from this rank's rollout end to the stop signal, training or waiting (RuntimeError past it), so a
+    replica that is stuck cannot hold the others forever; a dead one is `PeerWatchdog`'s.
     """
 
     def __init__(self, drafter_trainer: DrafterTrainer, buffer: DrafterBuffer, ps: ParallelState,
@@ -124,19 +143,34 @@ class SpotTrainer:
         key = f"tlt/{rl_step}/all_done"
         return float(self.store.get(key)) if self.store.check([key]) else None
 
+    def _too_late(self, rl_step: object) -> RuntimeError:
+        return RuntimeError(f"rollout {rl_step}: not every DP replica finished within drafter.max_wait_s={self.max_wait_s:g} s "
+                            f"of this rank's rollout end (DP rank {self.ps.dp_rank}): a replica is stuck")
+
     def _wait_for_stop(self, rl_step: object) -> float:
         key = f"tlt/{rl_step}/all_done"
+        left = self._finished_at[rl_step] + self.max_wait_s - time.time()
         try:
-            self.store.wait([key], timedelta(seconds=self.max_wait_s))
+            self.store.wait([key], timedelta(seconds=max(left, 0.001)))
+        except dist.DistNetworkError as e:
+            raise self._store_lost(e) from e
         except dist.DistStoreError as e:
-            raise RuntimeError(f"rollout {rl_step}: not every DP replica finished within {self.max_wait_s:.0f} s") from e
+            raise self._too_late(rl_step) from e
         return float(self.store.get(key))
+
+    def _store_lost(self, e: Exception) -> RuntimeError:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return RuntimeError(f"the rendezvous store is unreachable from rank {self.ps.rank} ({type(e).__name__}: {first}): "
+                            "its host is presumed dead, the run stops")
 
     def _decide(self, rl_step: object) -> tuple[int, float]:
         """(STOP | WAIT | STEP, the stop signal's time or 0): decided by TP rank 0, the same on all TP ranks."""
         decision = torch.zeros(2, dtype=torch.float64)  # [action, stop time]
         if self.ps.tp_rank == 0:
-            stop_time = self._stop_time(rl_step)
+            try:
+                stop_time = self._stop_time(rl_step)
+            except dist.DistNetworkError as e:
+                raise self._store_lost(e) from e
             action = STOP if stop_time is not None else WAIT if self.buffer.num_examples == 0 else STEP
             decision = torch.tensor([action, stop_time or 0.0], dtype=torch.float64)
         if self.ps.tp_size > 1:
@@ -160,6 +194,8 @@ class SpotTrainer:
                 stop_time = self._wait_for_stop(rl_step)
             if action != STEP:
                 break
+            if time.time() - self._finished_at[rl_step] > self.max_wait_s:  # the same on every TP rank, within a step
+                raise self._too_late(rl_step)
             start = time.time()
             metrics = self.trainer.step(next(batches))
             last_step_end = time.time()
@@ -214,3 +250,90 @@ class SpotTrainer:
             dist.broadcast(merged, group_src=0, group=self.ps.dp_group)
             for t, part in zip(group, merged.split([t.numel() for t in group])):
                 t.copy_(part.view_as(t))
+
+
+class PeerWatchdog:
+    """Ends this process when a peer rank dies (see the module docstring): heartbeat, ring watch, abort key.
+
+        dog = PeerWatchdog(rank, world_size, timeout_s=60).start()   # every rank, at the same point of the run
+        ...
+        dog.close()                                                  # this rank ended normally
+
+    `store` defaults to a new TCPStore client of the rendezvous (MASTER_ADDR:MASTER_PORT), so the heartbeat
+    never queues behind the main thread's store calls. Keys live under `megatron_tlt/alive/{generation}/`,
+    the generation counting the watchdogs this rank started, so a second run in the same process group
+    starts clean. `on_lost(message)` defaults to printing the message and `os._exit(EXIT_PEER_LOST)`.
+    """
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float, store: Optional[dist.Store] = None,
+                 interval_s: Optional[float] = None, on_lost=None):
+        if world_size < 2 or not timeout_s > 0:
+            raise ValueError(f"PeerWatchdog needs world_size >= 2 and timeout_s > 0, got {world_size} and {timeout_s}")
+        self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
+        self.interval_s = interval_s if interval_s is not None else min(1.0, self.timeout_s / 4)
+        self.store = store if store is not None else self._client()
+        self.on_lost = on_lost or self._exit
+        generation = self.store.add(f"megatron_tlt/alive/generation/{rank}", 1)
+        self.prefix = f"megatron_tlt/alive/{generation}"
+        self.neighbour = (rank + 1) % world_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-watchdog", daemon=True)
+
+    def _client(self) -> dist.Store:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=max(self.timeout_s, 5.0)), wait_for_workers=False)
+
+    def start(self) -> "PeerWatchdog":
+        self.store.add(f"{self.prefix}/{self.rank}", 1)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """This rank is done (not a failure): its watcher stops watching it; the thread ends."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self.store.set(f"{self.prefix}/{self.rank}/done", "1")
+        except Exception:  # the store is gone at shutdown: nobody is left to watch us
+            pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5 * self.interval_s + 1.0)
+
+    def _exit(self, message: str) -> None:
+        print(f"megatron-tlt: error: {message}; rank {self.rank} exits (code {EXIT_PEER_LOST})", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_LOST)
+
+    def _lost(self, message: str) -> None:
+        log.critical(message)
+        self._stop.set()
+        self.on_lost(message)
+
+    def _run(self) -> None:
+        own, abort = f"{self.prefix}/{self.rank}", f"{self.prefix}/abort"
+        other = f"{self.prefix}/{self.neighbour}"
+        last_value, last_change = None, time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.store.add(own, 1)
+                if self.store.check([abort]):
+                    return self._lost(self.store.get(abort).decode())
+                if self.store.check([f"{other}/done"]):
+                    continue
+                value = int(self.store.get(other)) if self.store.check([other]) else None
+            except Exception as e:  # the store's host (a peer, or its agent) is gone
+                if self._stop.is_set():
+                    return
+                return self._lost(f"the rendezvous store is unreachable from rank {self.rank} ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): its host is presumed dead")
+            now = time.monotonic()
+            if value != last_value:
+                last_value, last_change = value, now
+            elif now - last_change > self.timeout_s:
+                message = (f"rank {self.neighbour} of {self.world_size} sent no heartbeat for {now - last_change:.1f} s "
+                           f"(drafter.peer_timeout_s={self.timeout_s:g}): it is presumed dead, the run stops")
+                try:
+                    self.store.set(abort, message)
+                except Exception:
+                    pass
+                return self._lost(message)

@@ -8,6 +8,11 @@ calls the same four hooks either way:
     metrics = tlt.merge()                  # every rank: identical drafter weights for the next rollout
     if tlt.collect_hidden: ...             # the policy update returns its hidden states for the buffer
     tlt.add_update(step, samples, hidden)  # the buffer takes (tokens, hidden) of this rank's update share
+    tlt.close()                            # the run ended normally on this rank
+
+With more than one process, online training also starts a `coordinator.spot.PeerWatchdog`: a dead peer
+ends every rank within `drafter.peer_timeout_s` (+ 2 heartbeats), with a message and a non-zero exit, and
+spot training gives up past `drafter.max_wait_s` after this rank's rollout end.
 
 `tlt.drafter_trainer` (None without online training) is saved with run checkpoints.
 """
@@ -34,6 +39,9 @@ class NoDrafterTraining:
     def add_update(self, step: int, samples, hidden) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class OnlineDrafterTraining:
     """TLT: spot training on idle DP ranks (`coordinator.spot.SpotTrainer`) from a buffer that the policy
@@ -41,8 +49,8 @@ class OnlineDrafterTraining:
 
     collect_hidden = True
 
-    def __init__(self, spot):
-        self.spot = spot
+    def __init__(self, spot, watchdog=None):
+        self.spot, self.watchdog = spot, watchdog
 
     @property
     def drafter_trainer(self):
@@ -57,13 +65,20 @@ class OnlineDrafterTraining:
     def add_update(self, step: int, samples, hidden) -> None:
         self.spot.add_to_buffer(step, samples, hidden)
 
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
+
 
 def build_drafter_training(cfg: Config, drafter, ps: ParallelState) -> "NoDrafterTraining | OnlineDrafterTraining":
     if drafter is None or not cfg.drafter.online:
         return NoDrafterTraining()
-    from megatron_tlt.coordinator.spot import SpotTrainer
+    from megatron_tlt.coordinator.spot import PeerWatchdog, SpotTrainer
     from megatron_tlt.drafter.data import DrafterBuffer
     from megatron_tlt.drafter.trainer import DrafterTrainer
 
     trainer = DrafterTrainer(drafter, lr=cfg.drafter.lr, max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens)
-    return OnlineDrafterTraining(SpotTrainer(trainer, DrafterBuffer(int(cfg.drafter.buffer_gb * 2**30)), ps, seed=cfg.run.seed))
+    spot = SpotTrainer(trainer, DrafterBuffer(int(cfg.drafter.buffer_gb * 2**30)), ps, seed=cfg.run.seed,
+                       max_wait_s=cfg.drafter.max_wait_s)
+    watchdog = PeerWatchdog(ps.rank, ps.world_size, cfg.drafter.peer_timeout_s).start() if ps.world_size > 1 else None
+    return OnlineDrafterTraining(spot, watchdog)
