@@ -89,6 +89,18 @@ def test_non_finite_weights_roll_the_update_back_and_repeats_stop(caplog):
     assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
 
 
+def test_without_rollback_a_non_finite_update_stops_at_once():
+    ps = init_parallel()
+    torch.manual_seed(0)
+    model = Policy(CFG, ps.tp_group)
+    trainer = PolicyTrainer(model, OptimConfig(lr=1e-3, rollback=False), AlgoConfig(), ps, total_steps=10)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = math.inf
+    batch = exchange_for_update(_samples(ps), 64, ps)
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights after the update .*optim.rollback=false keeps no copy"):
+        trainer.step(batch.samples, batch.micro_batches, max_response_len=16)
+
+
 def test_a_good_update_resets_the_count():
     ps = init_parallel()
     torch.manual_seed(0)

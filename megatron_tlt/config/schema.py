@@ -274,6 +274,7 @@ class OptimConfig:
     micro_batch_tokens: int = 4096  # packing budget per micro-batch
     bf16: bool = True  # autocast on GPU (ignored on CPU)
     max_bad_updates: int = 3  # consecutive skipped / rolled-back (non-finite) policy updates before the run stops
+    rollback: bool = True  # copy weights + AdamW state to undo a non-finite update; false: no copy, such an update stops the run
 
     def __post_init__(self):
         if not (math.isfinite(self.lr) and self.lr > 0):

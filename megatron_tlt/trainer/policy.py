@@ -17,6 +17,8 @@ logprobs, advantage):
    rolled back to the pre-step weights and AdamW state (kept as a copy for that), logged, and not counted
    as a version. After `optim.max_bad_updates` consecutive skipped or rolled-back updates the run stops
    with `TrainingDiverged` (a UserError: one line at the CLI, exit code 2, the broken state never saved).
+   The copy costs the memory of the parameters and the AdamW state once more; `optim.rollback=false`
+   saves it and stops the run at the first non-finite update instead.
 
 On-policy with one optimizer step per RL step, the "old" logprobs equal the current ones, so they are
 taken detached from the same forward (ratio 1 in value, the PPO gradient intact); the gap to the
@@ -158,15 +160,19 @@ class PolicyTrainer:
             self._count_bad_update(f"non-finite loss ({loss_value}) or grad norm ({grad_norm})")
             return metrics, hidden_out
         clip_grads_(model.parameters(), self.optim_cfg.grad_clip, torch.tensor(grad_norm))
-        saved = self._snapshot()
+        saved = self._snapshot() if self.optim_cfg.rollback else None
         try:
             self.optimizer.step()
             why = None if self._weights_finite() else "non-finite weights after the update"
         except RuntimeError as e:  # torch refuses a step size that overflows the parameter dtype (mid-step)
             if "overflow" not in str(e):
-                self._restore(saved)
+                if saved is not None:
+                    self._restore(saved)
                 raise
             why = f"the update overflowed ({e})"
+        if why is not None and saved is None:
+            raise TrainingDiverged(f"{why} (lr {metrics['lr']}) and optim.rollback=false keeps no copy to undo it: stopping. "
+                                   "Lower optim.lr or check the data and rewards")
         if why is not None:
             self._restore(saved)
             log.warning("%s (lr %s): update rolled back to the pre-step weights and optimizer state", why, metrics["lr"])
