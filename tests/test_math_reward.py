@@ -86,6 +86,8 @@ HOSTILE = {
     "1 MB of unclosed boxes": (r"\boxed{" * (MB // 7), "5", 0.0),
     "1 MB of dollars": ("$" * MB, "5", 0.0),
     "1 MB of answer markers": ("Answer: " * (MB // 8), "5", 0.0),
+    "1 MB of one boxed answer": (r"\boxed{1}" * (MB // 9), "1", 1.0),
+    "60,000 different boxed answers": ("".join(rf"\boxed{{{i}}}, " for i in range(60_000)), "1", 0.0),
     "power tower 10^{10^{10}}": (r"\boxed{10^{10^{10}}}", "1", "timeout"),
     "power tower as the gold": (r"\boxed{1}", "10^{10^{10}}", "timeout"),
     "huge exponent": (r"\boxed{2^{99999999}}", "1", "timeout"),

@@ -22,8 +22,9 @@ Where the final answer is, in order of precedence:
 Several answers (hedges) score 0 (`final_answers` returns them all; `math_reward` needs every one to
 equal the gold): boxes joined only by "or" / "and" / commas ("either \\boxed{3} or \\boxed{4}"),
 "X or Y" inside one answer, and an alternative in the same sentence right after the last box
-("\\boxed{3} (or possibly 4)", "\\boxed{3}, though it could also be 4"). A self-correction ("\\boxed{4}, no wait, \\boxed{5}") or boxes separated by
-reasoning are judged on the last box.
+("\\boxed{3} (or possibly 4)", "\\boxed{3}, though it could also be 4"); more than `MAX_ANSWERS`
+distinct ones score 0 unchecked. A self-correction ("\\boxed{4}, no wait, \\boxed{5}") or boxes
+separated by reasoning are judged on the last box.
 
 How two answers compare (`math_equal`), after LaTeX spacing, `$`, `\\left`/`\\right` and wrappers are
 removed:
@@ -70,6 +71,7 @@ from math_verify import verify as _mv_verify
 
 MAX_ANSWER_CHARS = 1000  # longer final answers are not verified (no real answer is that long)
 MAX_BRACE_DEPTH = 40  # after redundant outer braces are peeled
+MAX_ANSWERS = 8  # a response with more distinct final answers scores 0 without comparing them
 MAX_EXPONENT = 100_000  # a literal exponent (or factorial) past this would build a huge integer
 
 
@@ -200,12 +202,13 @@ def final_answers(text: str) -> list[str]:
     if boxes:
         if boxes[-1][2] is None:
             return []
-        chain = [boxes[-1]]
-        for box in reversed(boxes[:-1]):
-            gap = text[box[1] : chain[0][0]]
+        first = len(boxes) - 1
+        while first > 0:
+            gap = text[boxes[first - 1][1] : boxes[first][0]]
             if len(gap) > _MAX_HEDGE_GAP or not _HEDGE_GAP_RE.fullmatch(gap):
                 break
-            chain.insert(0, box)
+            first -= 1
+        chain = boxes[first:]
         contents = [c for c in (_clean(b[2]) for b in chain) if c is not None]
         tail = _TAIL_HEDGE_RE.match(text, boxes[-1][1], min(len(text), boxes[-1][1] + _MAX_HEDGE_GAP))
         if tail:  # "\\boxed{3} (or possibly 4)", "\\boxed{3}, though it could also be 4"
@@ -594,8 +597,8 @@ def math_reward(response: str, gold: str) -> float:
 
     Raises VerificationTimeout for an answer too expensive to verify (the reward pool counts a timeout).
     """
-    answers = final_answers(response)
-    if not answers:
+    answers = list(dict.fromkeys(final_answers(response)))  # the same answer twice is one answer
+    if not answers or len(answers) > MAX_ANSWERS:  # spraying answers is a hedge; bounds the work too
         return 0.0
     if all(_math_equal_or_raise(answer, gold) for answer in answers):
         return 1.0
