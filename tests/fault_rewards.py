@@ -24,11 +24,11 @@ def correct(response, example):
     return 1.0
 
 
-def hangs_on_rank_1(response, example):
-    """Hangs rank 1's scoring once the file $MEGATRON_TLT_TEST_HANG exists (touching FILE.hanging first), so
-    rank 0 spends that time in spot training; 1.0 for an even length otherwise (groups keep some signal)."""
+def hangs_on_node_1(response, example):
+    """Hangs node 1's scoring once the file $MEGATRON_TLT_TEST_HANG exists (touching FILE.hanging first), so
+    node 0's rank spends that time in spot training; 1.0 for an even length otherwise (groups keep some signal)."""
     marker = os.environ.get("MEGATRON_TLT_TEST_HANG")
-    if os.environ.get("RANK") == "1" and marker and os.path.exists(marker):
+    if os.environ.get("NODE_RANK") == "1" and marker and os.path.exists(marker):  # our env, not torchrun's rank
         open(marker + ".hanging", "w").close()
         time.sleep(600)
     return float(len(response) % 2 == 0)
