@@ -31,7 +31,7 @@ from megatron_tlt.plot import plot_run
 # The embedded default: a few minutes on 2 CPU cores. A 4-layer model learns 3-term sums in a
 # supervised warm-up (~70% held-out accuracy), then 60 GRPO steps of 32 prompts x 8 samples raise it.
 DEMO_SETTINGS = (
-    "run.dir=runs/demo",
+    "run.dir=runs/demo", "run.overwrite=true",  # each demo is a fresh run
     "model.hidden_size=128", "model.intermediate_size=352", "model.num_layers=4",
     "data.task=arithmetic", "data.task_args={max_terms: 3, max_value: 9}", "data.eval_examples=128",
     "run.sft_steps=300", "run.sft_lr=2e-3", "run.steps=60", "run.eval_every=20", "run.prompts_per_step=32",

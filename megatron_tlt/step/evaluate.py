@@ -26,5 +26,5 @@ def evaluate(engine, dataset: PromptDataset, pool, tokenizer, max_new_tokens: in
         texts = [tokenizer.decode(cs[0].token_ids, skip_special_tokens=True) for cs in completions]
         rewards, _ = pool.compute(texts, [reward_row(p, tokenizer) for p in mine])
         correct = sum(int(r >= 1.0) for r in rewards)  # the pool scores failures (and non-finite values) 0
-    total_correct, total = sum_over(ps.dp_group, [correct, len(mine)])
+    total_correct, total = sum_over(ps.dp_group, [correct, len(mine)], ps.device)
     return total_correct / total

@@ -68,10 +68,10 @@ def assign_advantages(
     groups = torch.tensor([s.group for s in samples], dtype=torch.long)
 
     def batch_sum(t: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(sum_over(ps.dp_group, t.tolist()), dtype=t.dtype)
+        return sum_over(ps.dp_group, t, ps.device).to(t.dtype)
 
     advantages = compute_advantages(algo.advantage, rewards, groups, batch_sum=batch_sum).tolist()
-    metrics = {"overlong_masked": sum_over(ps.dp_group, [masked])[0]} if algo.overlong == "mask" else {}
+    metrics = {"overlong_masked": sum_over(ps.dp_group, [masked], ps.device)[0]} if algo.overlong == "mask" else {}
     return [replace(s, advantage=a) for s, a in zip(samples, advantages)], metrics
 
 
@@ -83,7 +83,7 @@ def drop_equal_reward_groups(samples: list[Sample]) -> list[Sample]:
 
 def num_groups(samples: list[Sample], ps: ParallelState) -> int:
     """Distinct groups over all DP ranks (a group lives on one rank)."""
-    return int(sum_over(ps.dp_group, [len({s.group for s in samples})])[0])
+    return int(sum_over(ps.dp_group, [len({s.group for s in samples})], ps.device)[0])
 
 
 @dataclass
@@ -130,5 +130,5 @@ def step_metrics(batch, tally: StepTally, step_s: float, spec_on: bool, ps: Para
         "tokens_per_s": sum(lengths) / step_s, "num_samples": len(lengths), "dp_exchange_bytes": batch.bytes_received,
         **tally.summary(spec_on),
     }
-    metrics["rollout_time_max_s"] = max_over(ps.dp_group, [metrics["rollout_time_s"]])[0]
+    metrics["rollout_time_max_s"] = max_over(ps.dp_group, [metrics["rollout_time_s"]], ps.device)[0]
     return metrics

@@ -41,6 +41,7 @@ from megatron_tlt.config.schema import AlgoConfig, OptimConfig
 from megatron_tlt.data.packing import pack_sequences, unpack
 from megatron_tlt.errors import UserError
 from megatron_tlt.models.packed import PackedOutput, packed_forward
+from megatron_tlt.parallel.collectives import sum_over
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
@@ -115,8 +116,7 @@ class PolicyTrainer:
         norms = torch.zeros(2, dtype=torch.float64)
         for pb in packs:
             norms += loss_normalisers(pb.loss_mask, sample_ids_from_cu_seqlens(pb.cu_seqlens)).cpu()
-        if self.ps.dp_size > 1:
-            dist.all_reduce(norms, group=self.ps.dp_group)
+        norms = sum_over(self.ps.dp_group, norms, dev)
 
         sums = torch.zeros(6, dtype=torch.float64)  # loss, clip_frac, approx_kl, entropy, kl, rollout gap
         hidden_out: dict[int, torch.Tensor] = {}
@@ -143,8 +143,7 @@ class PolicyTrainer:
             if collect_hidden:
                 for i, h in zip(pb.example_ids, unpack(hidden.detach(), pb.cu_seqlens)):
                     hidden_out[i] = h[samples[i].response_window]
-        if self.ps.dp_size > 1:
-            dist.all_reduce(sums, group=self.ps.dp_group)
+        sums = sum_over(self.ps.dp_group, sums, dev)
         all_reduce_grads_(model.parameters(), self.ps.dp_group)
         grad_norm = float(global_grad_norm(model.parameters(), model.tp_group))
         loss_value = float(sums[0])

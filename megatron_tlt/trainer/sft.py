@@ -31,7 +31,7 @@ def supervised_warmup(
     for _ in range(steps):
         idx = torch.randperm(len(sequences), generator=g)[:batch_size].tolist()[ps.dp_rank :: ps.dp_size]
         opt.zero_grad(set_to_none=True)
-        (num_tokens,) = sum_over(ps.dp_group, [sum(sum(train_masks[i][1:]) for i in idx)])
+        (num_tokens,) = sum_over(ps.dp_group, [sum(sum(train_masks[i][1:]) for i in idx)], ps.device)
         total = 0.0
         for b in plan_micro_batches([len(sequences[i]) for i in idx], micro_batch_tokens):
             pb = pack_sequences([sequences[idx[k]] for k in b], train_masks=[train_masks[idx[k]] for k in b])
@@ -42,5 +42,5 @@ def supervised_warmup(
         all_reduce_grads_(model.parameters(), ps.dp_group)
         clip_grads_(model.parameters(), grad_clip, global_grad_norm(model.parameters(), model.tp_group))
         opt.step()
-        losses.append(sum_over(ps.dp_group, [total])[0])
+        losses.append(sum_over(ps.dp_group, [total], ps.device)[0])
     return losses
