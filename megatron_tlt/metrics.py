@@ -39,9 +39,23 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float]:
 
 
 def _truncate_from(path: Path, step: int) -> None:
+    """Keep the rows of steps before `step`. A row that is not a JSON object with a step (a line cut short by
+    a crash mid-write, say) is dropped with one warning naming its line numbers."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+    kept, bad = [], []
+    for line_no, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            bad.append(line_no)
+            continue
+        if row_step < step:
+            kept.append(line)
+    if bad:
+        log.warning("%s: dropped %d unreadable row(s) on resume (lines %s)", path, len(bad), ", ".join(map(str, bad[:10])))
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -36,6 +36,11 @@ from megatron_tlt.config.loader import ConfigError
     ("run.save_every=-1", "run.save_every=-1"),
     ("run.sft_batch=0", "run.sft_batch=0"),
     ("run.resume=maybe", "run.resume='maybe' is not supported; supported: auto, true, false"),
+    ("drafter.lr=0", "drafter.lr=0.0 is not supported; supported: a finite number > 0"),
+    ("drafter.buffer_gb=0", "drafter.buffer_gb=0.0"),
+    ("drafter.micro_batch_tokens=1", "drafter.micro_batch_tokens=1 is not supported; supported: an integer >= 2"),
+    ("drafter.warmup_steps=-1", "drafter.warmup_steps=-1"),
+    ("drafter.warmup_prompts=0", "drafter.warmup_prompts=0"),
 ])
 def test_numeric_values_are_range_checked_at_load(override, message):
     with pytest.raises(ConfigError) as e:

@@ -67,6 +67,18 @@ def test_flipped_bytes_are_caught_not_loaded_as_nan(tmp_path, ps):
             load()
 
 
+def test_a_drafter_directory_with_flipped_bytes_is_refused(tmp_path, ps):
+    from megatron_tlt.drafter import Drafter
+    from megatron_tlt.drafter.io import WEIGHTS_FILE, load_drafter, save_drafter
+
+    policy = _model()
+    path = save_drafter(tmp_path / "drafter", Drafter(policy))
+    load_drafter(path, policy)  # verifies
+    _flip_16_bytes(path / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="drafter.safetensors is corrupt: its sha256 differs"):
+        load_drafter(path, policy)
+
+
 def test_garbled_model_config_is_a_checkpoint_error_naming_the_file(tmp_path, ps):
     path = _save(tmp_path / "ck", 1)
     (path / CONFIG_FILE).write_text("arch: llama\nhidden_size: [32,\n")

@@ -5,6 +5,7 @@ whose newest checkpoint is corrupt falls back to the previous one."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -86,3 +87,14 @@ def test_metrics_without_a_checkpoint_are_not_overwritten(tmp_path):
     with pytest.raises(UserError, match="no checkpoint that verifies"):
         _train(run, "run.steps=1", "run.resume=true")
     assert json.loads((run / "metrics.jsonl").read_text())["reward_mean"] == 0.5
+
+
+def test_a_row_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, caplog):
+    from megatron_tlt.metrics import METRICS_FILE, MetricsLogger
+
+    rows = [json.dumps({"step": s, "reward_mean": 0.5}) for s in range(3)]
+    (tmp_path / METRICS_FILE).write_text("\n".join(rows) + '\n{"step": 3, "rew')  # kill -9 mid-write
+    with caplog.at_level(logging.WARNING), MetricsLogger(tmp_path, total_steps=5, start_step=2, tensorboard=False):
+        pass
+    assert [json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()] == [0, 1]
+    assert "dropped 1 unreadable row(s) on resume (lines 4)" in caplog.text

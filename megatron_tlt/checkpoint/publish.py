@@ -152,7 +152,7 @@ def verify_files(path, names: Optional[Iterable[str]] = None) -> None:
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing (listed in {COMPLETE})")
         if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file {f} is truncated or resized ({f.stat().st_size} bytes, {size} when saved)")
+            raise CheckpointError(f"checkpoint file {f} is truncated or corrupt ({f.stat().st_size} bytes, {size} when saved)")
         if _sha256(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 differs from the one written at save")
 

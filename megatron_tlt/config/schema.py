@@ -205,6 +205,11 @@ class DrafterConfig:
     peer_timeout_s: float = 60.0  # TLT with >1 process: a rank silent this long is dead; every rank exits non-zero
 
     def __post_init__(self):
+        check_range("drafter.lr", self.lr, gt=0)
+        check_range("drafter.buffer_gb", self.buffer_gb, gt=0)
+        check_range("drafter.micro_batch_tokens", self.micro_batch_tokens, ge=2, integer=True)  # a drafter step needs a next token
+        check_range("drafter.warmup_steps", self.warmup_steps, ge=0, integer=True)
+        check_range("drafter.warmup_prompts", self.warmup_prompts, ge=1, integer=True)
         check_range("drafter.max_wait_s", self.max_wait_s, gt=0)
         check_range("drafter.peer_timeout_s", self.peer_timeout_s, gt=0)
 

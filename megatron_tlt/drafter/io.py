@@ -46,7 +46,7 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import save_file
 
-from megatron_tlt.checkpoint.publish import claim_empty_output, on_rank0, require_complete, staged, write_durable
+from megatron_tlt.checkpoint.publish import claim_empty_output, on_rank0, require_complete, staged, verify_files, write_durable
 from megatron_tlt.config.dtypes import dtype_name
 from megatron_tlt.config.schema import ModelConfig, RopeScalingConfig
 from megatron_tlt.drafter.model import Drafter
@@ -108,9 +108,12 @@ def read_drafter_config(path: PathLike) -> ModelConfig:
 
 
 def read_drafter_weights(path: PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(policy ModelConfig, full tensors by Drafter parameter name) of a drafter directory, read in this process."""
+    """(policy ModelConfig, full tensors by Drafter parameter name) of a drafter directory, read in this process
+    after its files are checked against the checksums written at save."""
     path = Path(path)
-    return read_drafter_config(path), load_safetensors(path / WEIGHTS_FILE)
+    cfg = read_drafter_config(path)
+    verify_files(path)
+    return cfg, load_safetensors(path / WEIGHTS_FILE)
 
 
 def _check_fits(path: Path, drafter: Drafter, saved_cfg: ModelConfig, full: dict[str, torch.Tensor]) -> None:
