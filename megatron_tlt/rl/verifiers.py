@@ -270,17 +270,21 @@ def _unwrap(s: str) -> str:
         lo, hi = start + 1, hi - 1
 
 
+def _substitute(s: str, replace: tuple[tuple[str, str], ...], delete: tuple[str, ...] = ()) -> str:
+    """`s` with each (old, new) of `replace` applied in order, then every token of `delete` removed."""
+    for old, new in replace:
+        s = s.replace(old, new)
+    for token in delete:
+        s = s.replace(token, "")
+    return s
+
+
 def normalize_math(s: str) -> str:
     """A canonical string for a math answer: LaTeX spacing, delimiters, units and wrappers removed.
 
     Used for countdown results and cheap string equality; `math_equal` does the full comparison.
     """
-    s = _unwrap(s)
-    for old, new in _REPLACE:
-        s = s.replace(old, new)
-    for token in _DELETE:
-        s = s.replace(token, "")
-    s = _LEFT_RIGHT_RE.sub("", s)
+    s = _LEFT_RIGHT_RE.sub("", _substitute(_unwrap(s), _REPLACE, _DELETE))
     s = _FRAC_RE.sub(lambda m: "\\frac" + _brace(m.group(1)) + _brace(m.group(2)), s)
     s = _SQRT_RE.sub(lambda m: "\\sqrt" + _brace(m.group(1)), s)
     s = _TRAILING_UNIT_RE.sub("", s)
@@ -395,12 +399,7 @@ def _repeating_fraction(m: re.Match) -> str:
 
 @lru_cache(maxsize=4096)
 def _parts(answer: str) -> _Parts:
-    s = _unwrap(answer)
-    for old, new in _SURFACE_REPLACE:
-        s = s.replace(old, new)
-    for token in _SURFACE_DELETE:
-        s = s.replace(token, "")
-    s = _LEFT_RIGHT_RE.sub("", s)
+    s = _LEFT_RIGHT_RE.sub("", _substitute(_unwrap(answer), _SURFACE_REPLACE, _SURFACE_DELETE))
     s = _unwrap(s).strip().rstrip(".").strip()
     whole_text = _TEXT_GROUP_RE.fullmatch(s)
     if whole_text:  # \text{East}, \textbf{(B)}, \text{5}
@@ -637,8 +636,7 @@ def countdown_value(expression: str) -> Optional[tuple[Fraction, list[int]]]:
     powers, floor division, names, calls, floats. Division is exact, so intermediate results may be
     fractions ("(7/2)*4" is 14); dividing by zero makes the expression invalid.
     """
-    for old, new in _COUNTDOWN_REPLACE:
-        expression = expression.replace(old, new)
+    expression = _substitute(expression, _COUNTDOWN_REPLACE)
     if len(expression) > _COUNTDOWN_MAX_CHARS or not _COUNTDOWN_CHARS_RE.fullmatch(expression):
         return None
     used: list[int] = []
