@@ -83,6 +83,12 @@ MERGE_BUCKET_BYTES = 64 << 20  # fp32 bytes reduced per collective by `merge`
 EXIT_PEER_LOST = 75  # the exit code of a rank that ends because a peer died
 
 
+def store_lost_message(rank: int, e: Exception) -> str:
+    """What a rank says when the rendezvous store stopped answering (`e`: the store client's error)."""
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"the rendezvous store is unreachable from rank {rank} ({type(e).__name__}: {first}): its host is presumed dead"
+
+
 def buckets(tensors: Sequence[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
     """Consecutive tensors grouped so each group holds at most max_numel elements (a bigger tensor goes alone)."""
     groups, size = [], 0
@@ -159,9 +165,7 @@ class SpotTrainer:
         return float(self.store.get(key))
 
     def _store_lost(self, e: Exception) -> RuntimeError:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        return RuntimeError(f"the rendezvous store is unreachable from rank {self.ps.rank} ({type(e).__name__}: {first}): "
-                            "its host is presumed dead, the run stops")
+        return RuntimeError(store_lost_message(self.ps.rank, e) + ", the run stops")
 
     def _decide(self, rl_step: object) -> tuple[int, float]:
         """(STOP | WAIT | STEP, the stop signal's time or 0): decided by TP rank 0, the same on all TP ranks."""
@@ -324,8 +328,7 @@ class PeerWatchdog:
             except Exception as e:  # the store's host (a peer, or its agent) is gone
                 if self._stop.is_set():
                     return
-                return self._lost(f"the rendezvous store is unreachable from rank {self.rank} ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): its host is presumed dead")
+                return self._lost(store_lost_message(self.rank, e))
             now = time.monotonic()
             if value != last_value:
                 last_value, last_change = value, now

@@ -154,10 +154,7 @@ class PolicyTrainer:
         }
         if not is_finite_update(loss_value, grad_norm):
             log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_value, float(grad_norm))
-            self.optimizer.zero_grad(set_to_none=True)
-            metrics["skipped_update"] = 1.0
-            self._count_bad_update(f"non-finite loss ({loss_value}) or grad norm ({grad_norm})")
-            return metrics, hidden_out
+            return self._reject(metrics, f"non-finite loss ({loss_value}) or grad norm ({grad_norm})"), hidden_out
         clip_grads_(model.parameters(), self.optim_cfg.grad_clip, torch.tensor(grad_norm))
         saved = self._snapshot() if self.optim_cfg.rollback else None
         try:
@@ -175,17 +172,18 @@ class PolicyTrainer:
         if why is not None:
             self._restore(saved)
             log.warning("%s (lr %s): update rolled back to the pre-step weights and optimizer state", why, metrics["lr"])
-            self.optimizer.zero_grad(set_to_none=True)
-            metrics["skipped_update"] = 1.0
             metrics["rolled_back_update"] = 1.0
-            self._count_bad_update(f"{why} (lr {metrics['lr']})")
-            return metrics, hidden_out
+            return self._reject(metrics, f"{why} (lr {metrics['lr']})"), hidden_out
         self.scheduler.step()
         self.bad_updates = 0
         return metrics, hidden_out
 
     # ---- the non-finite guard ----
-    def _count_bad_update(self, why: str) -> None:
+    def _reject(self, metrics: dict[str, float], why: str) -> dict[str, float]:
+        """An update that was not applied (skipped, or rolled back): `metrics` marked and returned, counted, and
+        TrainingDiverged after optim.max_bad_updates of them in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["skipped_update"] = 1.0
         self.bad_updates += 1
         limit = self.optim_cfg.max_bad_updates
         if self.bad_updates >= limit:
@@ -193,6 +191,7 @@ class PolicyTrainer:
                 f"{self.bad_updates} consecutive policy updates skipped or rolled back (optim.max_bad_updates={limit}); "
                 f"last: {why}. Stopping: lower optim.lr or check the data and rewards"
             )
+        return metrics
 
     @torch.no_grad()
     def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
