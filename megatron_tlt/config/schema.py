@@ -27,6 +27,7 @@ ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")  # rl.algorith
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # rl.algorithms.AGGREGATIONS
 OVERLONG_MODES = ("none", "mask", "penalty")
 RESUME_MODES = ("auto", "true", "false")  # run.resume
+RECOMPUTE_MODES = ("none", "selective", "full")  # optim.recompute
 BUILTIN_REWARDS = ("math", "countdown", "format")  # rl.rewards.BUILTIN_REWARDS
 # data.synthetic.TASKS: task name -> the keyword arguments of its generator (data.task_args)
 SYNTHETIC_TASKS = {
@@ -128,14 +129,31 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1  # only 1 is implemented today; stages cut between layer groups later
+    tensor_parallel_size: int = 1  # TP degree of training (kept within a node: TP is the innermost rank dimension)
+    pipeline_parallel_size: int = 1  # pipeline stages of training: contiguous layer groups, 1F1B schedule
+    # model chunks per pipeline rank (> 1: interleaved 1F1B); the decoder is cut into pp * vpp virtual stages
+    virtual_pipeline_size: int = 1
+    # layers per virtual stage in schedule order (virtual stage v * pp + r lives on pipeline rank r, chunk v),
+    # e.g. [3, 4, 4, 3] for fewer layers on the stages with the embedding and the LM head; None = even cut
+    pipeline_layout: Optional[list[int]] = None
+    sequence_parallel: bool = False  # with TP > 1: norms and residuals sharded along the sequence over the TP group
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
     def __post_init__(self):
-        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
-            raise ValueError("parallel sizes must be >= 1")
+        check_range("parallel.tensor_parallel_size", self.tensor_parallel_size, ge=1, integer=True)
+        check_range("parallel.pipeline_parallel_size", self.pipeline_parallel_size, ge=1, integer=True)
+        check_range("parallel.virtual_pipeline_size", self.virtual_pipeline_size, ge=1, integer=True)
         check_choice("parallel.backend", self.backend, PARALLEL_BACKENDS)
+        if self.virtual_pipeline_size > 1 and self.pipeline_parallel_size == 1:
+            raise ValueError("parallel.virtual_pipeline_size > 1 needs parallel.pipeline_parallel_size > 1 (interleaving is across stages)")
+        if self.pipeline_layout is not None:
+            self.pipeline_layout = list(self.pipeline_layout)
+            want = self.pipeline_parallel_size * self.virtual_pipeline_size
+            if len(self.pipeline_layout) != want:
+                raise ValueError(f"parallel.pipeline_layout has {len(self.pipeline_layout)} entries; it needs one per virtual "
+                                 f"stage: pipeline_parallel_size * virtual_pipeline_size = {want}")
+            for i, n in enumerate(self.pipeline_layout):
+                check_range(f"parallel.pipeline_layout[{i}]", n, ge=1, integer=True)
 
 
 @dataclass
@@ -178,8 +196,15 @@ class RolloutConfig:
     spec: str = "off"  # off | chain | tree | adaptive (speculative decoding with the drafter)
     max_spec_batch: int = 32  # adaptive: live batches above this decode plainly
     cuda_graphs: str = "auto"  # auto (capture on GPU) | off | eager (static shapes, no capture) | capture
+    # TP degree of the rollout layout: each rollout replica holds the whole model (no pipeline stages), rollout
+    # DP = world / this. None = the training TP. With training PP > 1 (or another TP) the weights are resharded
+    # from the training layout into this one before every rollout.
+    tensor_parallel_size: Optional[int] = None
+    keep_weights: bool = False  # keep the resharded rollout copy between rollouts (memory for speed); false: freed
 
     def __post_init__(self):
+        if self.tensor_parallel_size is not None:
+            check_range("rollout.tensor_parallel_size", self.tensor_parallel_size, ge=1, integer=True)
         self.spec, self.cuda_graphs = _yaml_off(self.spec), _yaml_off(self.cuda_graphs)
         check_choice("rollout.spec", self.spec, SPEC_MODES)
         check_choice("rollout.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
@@ -280,8 +305,15 @@ class OptimConfig:
     bf16: bool = True  # autocast on GPU (ignored on CPU)
     max_bad_updates: int = 3  # consecutive skipped / rolled-back (non-finite) policy updates before the run stops
     rollback: bool = True  # copy weights + AdamW state to undo a non-finite update; false: no copy, such an update stops the run
+    distributed: bool = False  # shard the optimizer state across the DP group (ZeRO-1, Megatron's distributed optimizer)
+    # activation recomputation in the policy update and the SFT warm-up, one of RECOMPUTE_MODES: none | selective
+    # (attention core and the MLP activation) | full (whole decoder layers, every `recompute_every`-th layer)
+    recompute: str = "none"
+    recompute_every: int = 1
 
     def __post_init__(self):
+        check_choice("optim.recompute", self.recompute, RECOMPUTE_MODES)
+        check_range("optim.recompute_every", self.recompute_every, ge=1, integer=True)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"optim.lr={self.lr!r} is not supported; supported: a finite number > 0 (e.g. 1e-5)")
         if self.max_bad_updates < 1:
@@ -343,3 +375,19 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        # The layout's fit to the model, at load (the world size is checked when the process groups start).
+        m, p = self.model, self.parallel
+        stages = p.pipeline_parallel_size * p.virtual_pipeline_size
+        if p.pipeline_layout is not None and sum(p.pipeline_layout) != m.num_layers:
+            raise ValueError(f"parallel.pipeline_layout={p.pipeline_layout} covers {sum(p.pipeline_layout)} layers; "
+                             f"model.num_layers={m.num_layers}: every layer must be in exactly one stage")
+        if stages > m.num_layers:
+            raise ValueError(f"pipeline_parallel_size * virtual_pipeline_size = {p.pipeline_parallel_size} * "
+                             f"{p.virtual_pipeline_size} = {stages} stages for model.num_layers={m.num_layers}: a stage needs a layer")
+        for key, tp in (("parallel.tensor_parallel_size", p.tensor_parallel_size),
+                        ("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size or p.tensor_parallel_size)):
+            if m.num_attention_heads % tp or m.num_kv_heads % tp:
+                raise ValueError(f"{key}={tp} must divide model.num_attention_heads={m.num_attention_heads} and "
+                                 f"model.num_kv_heads={m.num_kv_heads}")

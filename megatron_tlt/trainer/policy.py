@@ -46,6 +46,7 @@ from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_g
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
 from megatron_tlt.rl.sample import Sample
+from megatron_tlt.trainer.optimizer import build_optimizer, restore, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ class PolicyTrainer:
         self.model, self.optim_cfg, self.algo, self.ps = model, optim, algo, ps
         self.ref_model = ref_model
         self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: logprobs at T=1
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
-        )
+        self.optimizer = build_optimizer(model.parameters(), optim, ps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_schedule(s, total_steps, optim.warmup_steps, optim.min_lr_ratio)
         )
@@ -156,21 +155,21 @@ class PolicyTrainer:
             log.warning("non-finite loss (%s) or grad norm (%s): update skipped", loss_value, float(grad_norm))
             return self._reject(metrics, f"non-finite loss ({loss_value}) or grad norm ({grad_norm})"), hidden_out
         clip_grads_(model.parameters(), self.optim_cfg.grad_clip, torch.tensor(grad_norm))
-        saved = self._snapshot() if self.optim_cfg.rollback else None
+        saved = snapshot(self.optimizer) if self.optim_cfg.rollback else None
         try:
             self.optimizer.step()
             why = None if self._weights_finite() else "non-finite weights after the update"
         except RuntimeError as e:  # torch refuses a step size that overflows the parameter dtype (mid-step)
             if "overflow" not in str(e):
                 if saved is not None:
-                    self._restore(saved)
+                    restore(self.optimizer, saved)
                 raise
             why = f"the update overflowed ({e})"
         if why is not None and saved is None:
             raise TrainingDiverged(f"{why} (lr {metrics['lr']}) and optim.rollback=false keeps no copy to undo it: stopping. "
                                    "Lower optim.lr or check the data and rewards")
         if why is not None:
-            self._restore(saved)
+            restore(self.optimizer, saved)
             log.warning("%s (lr %s): update rolled back to the pre-step weights and optimizer state", why, metrics["lr"])
             metrics["rolled_back_update"] = 1.0
             return self._reject(metrics, f"{why} (lr {metrics['lr']})"), hidden_out
@@ -192,25 +191,6 @@ class PolicyTrainer:
                 f"last: {why}. Stopping: lower optim.lr or check the data and rewards"
             )
         return metrics
-
-    @torch.no_grad()
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
-        """Copies of the parameters and the AdamW state, to undo one `optimizer.step()`."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()}
-                 for p in params if p in self.optimizer.state}
-        return [p.detach().clone() for p in params], state
-
-    @torch.no_grad()
-    def _restore(self, saved: tuple[list[torch.Tensor], dict]) -> None:
-        weights, state = saved
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for p, w in zip(params, weights):
-            p.copy_(w)
-            if p in state:
-                self.optimizer.state[p] = state[p]
-            else:
-                self.optimizer.state.pop(p, None)
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
