@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from megatron_tlt.config.schema import OptimConfig
 from megatron_tlt.data.packing import pack_sequences, plan_micro_batches
 from megatron_tlt.models.packed import packed_forward
 from megatron_tlt.parallel.collectives import sum_over
 from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
 from megatron_tlt.parallel.state import ParallelState
+from megatron_tlt.trainer.optimizer import build_optimizer
 
 
 def supervised_warmup(
@@ -25,7 +27,7 @@ def supervised_warmup(
 ) -> list[float]:
     """AdamW steps on the tokens where `train_masks` is True (e.g. the response). Returns each step's loss
     (mean per trained token, over the whole DP batch)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=lr, weight_decay=0.0), ps)
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
