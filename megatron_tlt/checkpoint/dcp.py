@@ -9,6 +9,9 @@ DCP records the global offsets; replicated parameters are plain tensors, and DCP
 tensor that several ranks hold (replicated params, data-parallel replicas of a shard) only once. Loading
 builds the same DTensor views over the model's parameters at the *current* TP degree, and DCP reads the
 overlapping chunks straight into them. Tensors keep their saved dtype (bf16 round-trips bit-exact).
+Optimizer state (`optimizer_state`) is keyed `<param name>/<key>` the same way; under ZeRO (optim.distributed)
+a rank holds the state of the parameters it owns only, so it saves that shard and loads just those keys, at
+any DP size.
 
 Layout of a checkpoint directory (a contract other code relies on):
 
@@ -43,6 +46,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Shard
 
 from megatron_tlt.checkpoint.publish import (
@@ -136,26 +140,36 @@ def module_state(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     return {name: _logical(p.detach(), mesh, d) for name, p, d in named_shard_specs(model)}
 
 
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state: under ZeRO (`optim.distributed`) the local optimizer of the
+    parameters this DP rank owns, else `optimizer` itself."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tp_group=None) -> dict[str, Any]:
-    """The optimizer's per-parameter state keyed `<param name>/<key>`, TP-sharded tensors as full-shape
-    logical views (so it reshards like the model), for `save_checkpoint(states={"optimizer": ...})` and
-    in-place `load_checkpoint`. Every parameter's state must exist: call `init_adam_state` before loading."""
+    """The optimizer's per-parameter state on this rank keyed `<param name>/<key>`, TP-sharded tensors as
+    full-shape logical views (so it reshards like the model), for `save_checkpoint(states={"optimizer": ...})`
+    and in-place `load_checkpoint`. Under ZeRO only the parameters this DP rank owns have keys: each rank saves
+    its shard and loads just those keys, so the state reshards over DP too. Every parameter's state must exist:
+    call `init_adam_state` before loading."""
     tp_group = tp_group if tp_group is not None else getattr(model, "tp_group", None)
     mesh = _tp_mesh(model, tp_group)
+    local = local_optimizer(optimizer).state
     state = {}
     for name, p, d in named_shard_specs(model):
-        for key, value in optimizer.state.get(p, {}).items():
+        for key, value in local.get(p, {}).items():
             sharded = torch.is_tensor(value) and value.shape == p.shape
             state[f"{name}/{key}"] = _logical(value, mesh, d) if sharded else value
     return state
 
 
 def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Allocate Adam/AdamW state (step 0, zero moments) for every parameter that has none, so a checkpoint
-    can be loaded into it in place."""
-    for group in optimizer.param_groups:
+    """Allocate Adam/AdamW state (step 0, zero moments) for every parameter of this rank's optimizer (under
+    ZeRO: those it owns) that has none, so a checkpoint can be loaded into it in place."""
+    local = local_optimizer(optimizer)
+    for group in local.param_groups:
         for p in group["params"]:
-            st = optimizer.state[p]
+            st = local.state[p]
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -5,9 +5,11 @@
     state.save(run_dir / "checkpoints" / "step_10", step=10, files=tokenizer_files)
     steps_done = state.load(resume_from, verify=False)   # open_run_dir verified it
 
-Held: the policy, its AdamW state (resharded like the model), the lr schedule, the prompt sampler's
-position, torch's RNG state, and under SD the drafter (its AdamW state and step count under TLT).
-Training 4 steps equals training 2, resuming and training 2 more, bit for bit (tests/test_train.py).
+Held: the policy, its AdamW state (resharded like the model; under optim.distributed each DP rank saves and
+loads the shard it owns, so a run resumes at another DP size, sharded or not), the lr schedule, the prompt
+sampler's position, torch's RNG state, and under SD the drafter (its AdamW state and step count under TLT).
+Training 4 steps equals training 2, resuming and training 2 more, bit for bit (tests/test_train.py; at DP=2
+with optim.distributed, tests/test_distributed_optimizer.py).
 
 The run directory (`open_run_dir`, rank 0 decides, every rank gets the answer):
 - run.resume=auto (default): continue from the newest checkpoint that verifies, else start fresh -- but a
