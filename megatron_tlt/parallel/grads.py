@@ -1,10 +1,11 @@
 """Gradient collectives shared by the policy trainer, the warm-up and the drafter trainer.
 
 Norms are of the full (unsharded) model: TP-sharded gradients are summed over the TP group, replicated
-ones (identical on every TP rank) counted once. Everything stays on the gradients' device: no host sync.
+ones (identical on every TP rank) counted once, pipeline stages summed over the PP group (a tied model's
+LM-head copy on the last stage counted once, on the first). Everything stays on the gradients' device.
 
-    all_reduce_grads_(params, ps.dp_group)              # sum over data-parallel replicas
-    norm = global_grad_norm(params, tp_group)           # 0-dim fp32 tensor
+    reduce_grads_(model, ps)                            # sum over DP replicas; tied embedding over its two stages
+    norm = global_grad_norm(params, tp_group, pp_group) # 0-dim fp32 tensor
     clip_grads_(params, max_norm=1.0, grad_norm=norm)
 """
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch.distributed as dist
 from megatron_tlt.parallel.sharding import partition_dim
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group) -> torch.Tensor:
-    """L2 norm of the gradients of the full model (0-dim fp32 on the gradients' device)."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    sharded = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
+def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group, pp_group=None) -> torch.Tensor:
+    """L2 norm of the gradients of the full model (0-dim fp32 on the gradients' device). With `pp_group` (a group
+    of more than one stage) every stage must call it."""
+    params = [p for p in params if p.grad is not None and not getattr(p, "shared_embedding_copy", False)]
+    device = params[0].grad.device if params else torch.device("cpu")
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
     replicated = torch.zeros_like(sharded)
     for p in params:
         sq = p.grad.float().pow(2).sum()
@@ -32,7 +33,19 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], tp_group) -> torch.Te
             sharded += sq
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sharded, group=tp_group)
-    return (sharded + replicated).sqrt()
+    total = sharded + replicated
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()
+
+
+def reduce_grads_(model: torch.nn.Module, ps) -> None:
+    """Gradients summed over the DP replicas, and a tied embedding's over its first- and last-stage copies
+    (megatron-core's embedding group), so the copies take identical steps."""
+    all_reduce_grads_(model.parameters(), ps.dp_group)
+    embed = getattr(model, "embed_tokens", None)
+    if ps.pp_size > 1 and model.cfg.tie_word_embeddings and embed is not None and embed.weight.grad is not None:
+        dist.all_reduce(embed.weight.grad, group=ps.embedding_group)
 
 
 def clip_grads_(params: Iterable[torch.nn.Parameter], max_norm: float, grad_norm: torch.Tensor) -> None:

@@ -1,9 +1,15 @@
 """Process groups, devices and seeds, set up and torn down in one place.
 
 `init_parallel(cfg)` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
-without it, it starts a single-process group on an in-process store. The TP x PP x DP layout comes
-from `megatron.core.parallel_state` (TP innermost, so a TP group sits on one node), and the groups
-are handed to the model explicitly through the returned `ParallelState`.
+without it, it starts a single-process group on an in-process store. The training layout TP x PP x DP
+comes from `megatron.core.parallel_state` (order tp-dp-pp: TP innermost, so a TP group sits on one node;
+PP outermost, so stages can span nodes), and the groups are handed to the model explicitly through the
+returned `ParallelState`.
+
+The rollout layout (`rollout_tp`, default the training TP) has no pipeline: every rollout replica holds the
+whole model at rollout TP over `rollout_tp` consecutive ranks, and rollout DP = world / rollout TP.
+`ps.rollout` is that layout as a `ParallelState` of its own (pp_size 1; its dp group is the rollout DP
+group); when the two layouts coincide (PP = 1 and the same TP) it is `ps` itself.
 
     ps = init_parallel(ParallelConfig(tensor_parallel_size=2))
     model = Policy(cfg, tp_group=ps.tp_group)
@@ -42,10 +48,28 @@ class ParallelState:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    # the first and last pipeline stage of this rank's pipeline (tied embedding / LM head); None at PP = 1
+    embedding_group: Optional[dist.ProcessGroup] = None
+    # per global rank: its (training DP rank, rollout DP rank, rollout TP rank); the same list on every rank
+    rank_table: tuple[tuple[int, int, int], ...] = ()
+    rollout: Optional["ParallelState"] = None  # the rollout layout (see the module docstring); set by init_parallel
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def same_layouts(self) -> bool:
+        """Whether training and rollout share the layout (the engine can run on the training weights)."""
+        return self.rollout is self
 
 
 _STATE: Optional[ParallelState] = None
@@ -70,17 +94,18 @@ def _env_int(name: str, default: int) -> int:
     return default if v is None else int(v)
 
 
-def init_parallel(cfg: ParallelConfig = ParallelConfig()) -> ParallelState:
-    """Initialise torch.distributed (if needed) and megatron-core's groups; idempotent for the same layout."""
+def init_parallel(cfg: ParallelConfig = ParallelConfig(), rollout_tp: Optional[int] = None) -> ParallelState:
+    """Initialise torch.distributed (if needed), megatron-core's training groups and the rollout layout's
+    groups (`rollout_tp`, default the training TP); idempotent for the same layout."""
     global _STATE
     from megatron.core import parallel_state as mpu
 
+    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    rollout_tp = rollout_tp or tp
     if _STATE is not None:
-        if (_STATE.tp_size, _STATE.pp_size) != (cfg.tensor_parallel_size, cfg.pipeline_parallel_size):
+        if (_STATE.tp_size, _STATE.pp_size, _STATE.rollout.tp_size) != (tp, pp, rollout_tp):
             raise RuntimeError("init_parallel called again with a different layout; call destroy_parallel() first")
         return _STATE
-    if cfg.pipeline_parallel_size != 1:
-        raise NotImplementedError("pipeline parallelism is not implemented yet (parallel.pipeline_parallel_size must be 1)")
 
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -98,13 +123,19 @@ def init_parallel(cfg: ParallelConfig = ParallelConfig()) -> ParallelState:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
     world_size, rank = dist.get_world_size(), dist.get_rank()
 
-    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
     if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by tensor_parallel_size*pipeline_parallel_size={tp * pp}")
+        raise ValueError(f"world size {world_size} is not divisible by tensor_parallel_size * pipeline_parallel_size = "
+                         f"{tp} * {pp} = {tp * pp}")
+    if world_size % rollout_tp:
+        raise ValueError(f"world size {world_size} is not divisible by rollout.tensor_parallel_size={rollout_tp}")
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    if max(tp, rollout_tp) > local_world:
+        log.warning("a TP group (%d ranks) spans more than one node (%d ranks per node): TP all-reduces cross the network",
+                    max(tp, rollout_tp), local_world)
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
-    _STATE = ParallelState(
+    state = ParallelState(
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
@@ -118,10 +149,36 @@ def init_parallel(cfg: ParallelConfig = ParallelConfig()) -> ParallelState:
         tp_group=mpu.get_tensor_model_parallel_group(),
         pp_group=mpu.get_pipeline_model_parallel_group(),
         dp_group=mpu.get_data_parallel_group(),
+        embedding_group=mpu.get_embedding_group() if pp > 1 else None,
     )
+    state.rollout = _rollout_layout(state, rollout_tp)
+    table = [None] * world_size
+    dist.all_gather_object(table, (state.dp_rank, state.rollout.dp_rank, state.rollout.tp_rank))
+    state.rank_table = tuple(tuple(t) for t in table)
+    if state.rollout is not state:
+        state.rollout.rank_table = state.rank_table
+    _STATE = state
     if rank == 0:
-        log.info("parallel: world=%d tp=%d pp=%d dp=%d backend=%s device=%s", world_size, tp, pp, _STATE.dp_size, backend, device.type)
-    return _STATE
+        log.info("parallel: world=%d tp=%d pp=%d dp=%d, rollout tp=%d dp=%d, backend=%s device=%s", world_size, tp, pp,
+                 state.dp_size, rollout_tp, state.rollout.dp_size, backend, device.type)
+    return state
+
+
+def _rollout_layout(ps: ParallelState, rollout_tp: int) -> ParallelState:
+    """The rollout layout's state: TP groups of `rollout_tp` consecutive ranks, DP across them, no pipeline."""
+    if ps.pp_size == 1 and rollout_tp == ps.tp_size:
+        return ps
+    world = ps.world_size
+    tp_groups = [dist.new_group(list(range(k, k + rollout_tp))) for k in range(0, world, rollout_tp)]  # every rank creates every group
+    dp_groups = [dist.new_group(list(range(t, world, rollout_tp))) for t in range(rollout_tp)]
+    tp_rank, dp_rank = ps.rank % rollout_tp, ps.rank // rollout_tp
+    rollout = ParallelState(
+        rank=ps.rank, world_size=world, local_rank=ps.local_rank, device=ps.device,
+        tp_size=rollout_tp, pp_size=1, dp_size=world // rollout_tp, tp_rank=tp_rank, pp_rank=0, dp_rank=dp_rank,
+        tp_group=tp_groups[dp_rank], pp_group=None, dp_group=dp_groups[tp_rank],
+    )
+    rollout.rollout = rollout
+    return rollout
 
 
 def get_parallel_state() -> ParallelState:

@@ -40,13 +40,14 @@ import torch.distributed as dist
 from megatron_tlt.config.schema import AlgoConfig, OptimConfig
 from megatron_tlt.data.packing import pack_sequences, unpack
 from megatron_tlt.errors import UserError
-from megatron_tlt.models.packed import PackedOutput, packed_forward
+from megatron_tlt.models.packed import token_logprobs
 from megatron_tlt.parallel.collectives import sum_over
-from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
+from megatron_tlt.parallel.grads import clip_grads_, global_grad_norm, reduce_grads_
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
 from megatron_tlt.rl.sample import Sample
 from megatron_tlt.trainer.optimizer import build_optimizer, restore, snapshot
+from megatron_tlt.trainer.schedule import run_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,22 @@ class PolicyTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _logprobs(self, model, pb, with_grad: bool) -> PackedOutput:
-        """The packed forward: logprobs [T], entropy [T] (with_grad) and final hidden [T, H]."""
-        with torch.set_grad_enabled(with_grad), self._autocast():
-            return packed_forward(model, pb, temperature=self.temperature, compute_entropy=with_grad)
+    def _last_chunk(self, model):
+        """The chunk holding the LM head (the whole model at PP = 1)."""
+        return model.chunks[-1] if hasattr(model, "chunks") else model
+
+    def _reference_logprobs(self, packs) -> dict[int, torch.Tensor]:
+        """The reference policy's logprobs per pack (on the last stage), forward only, through the same schedule."""
+        ref: dict[int, torch.Tensor] = {}
+        chunk = self._last_chunk(self.ref_model)
+
+        def head(k, hidden):
+            ref[k] = token_logprobs(chunk, hidden, packs[k].targets, self.temperature)[0]
+            return ref[k].sum()
+
+        with torch.no_grad(), self._autocast():
+            run_micro_batches(self.ref_model, packs, head, self.ps, backward=False)
+        return ref
 
     @property
     def version(self) -> int:
@@ -117,34 +130,40 @@ class PolicyTrainer:
             norms += loss_normalisers(pb.loss_mask, sample_ids_from_cu_seqlens(pb.cu_seqlens)).cpu()
         norms = sum_over(self.ps.dp_group, norms, dev)
 
+        ref = self._reference_logprobs(packs) if self.algo.kl_coef > 0 else {}
         sums = torch.zeros(6, dtype=torch.float64)  # loss, clip_frac, approx_kl, entropy, kl, rollout gap
         hidden_out: dict[int, torch.Tensor] = {}
-        self.optimizer.zero_grad(set_to_none=True)
-        for pb in packs:
-            out = self._logprobs(model, pb, with_grad=True)
-            lp, ent, hidden = out.logprobs, out.entropy, out.hidden
+        chunk = self._last_chunk(model)
+
+        def head(k: int, hidden: torch.Tensor) -> torch.Tensor:  # the last stage: pack k's final hidden [T, H] -> its loss
+            nonlocal sums
+            pb = packs[k]
+            lp, ent = token_logprobs(chunk, hidden, pb.targets, self.temperature, compute_entropy=True)
             sample_ids = sample_ids_from_cu_seqlens(pb.cu_seqlens).to(dev)
             adv = torch.tensor([samples[i].advantage for i in pb.example_ids], dtype=torch.float32, device=dev)[sample_ids]
-            ref = None
-            if self.algo.kl_coef > 0:
-                ref = self._logprobs(self.ref_model, pb, with_grad=False).logprobs
             loss_mask = pb.loss_mask.to(dev)
             loss, m = policy_loss(
                 lp, lp.detach(), adv, loss_mask, sample_ids, clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
                 dual_clip=self.algo.dual_clip,
                 aggregation=self.algo.aggregation, num_global_tokens=norms[0], num_global_seqs=norms[1],
-                max_response_len=max_response_len, ref_logprobs=ref, kl_coef=self.algo.kl_coef, entropy=ent,
+                max_response_len=max_response_len, ref_logprobs=ref.get(k), kl_coef=self.algo.kl_coef, entropy=ent,
             )
-            loss.backward()
             gap = (lp.detach() - _rollout_logprobs_at_targets(pb, samples, dev)).abs().where(loss_mask, 0.0).sum()
             sums += torch.stack([loss.detach().double().cpu(), m["clip_frac"].double().cpu(), m["approx_kl"].double().cpu(),
                                  m["entropy"].double().cpu(), m.get("kl", torch.zeros(())).double().cpu(), gap.double().cpu()])
             if collect_hidden:
                 for i, h in zip(pb.example_ids, unpack(hidden.detach(), pb.cu_seqlens)):
                     hidden_out[i] = h[samples[i].response_window]
+            return loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            run_micro_batches(model, packs, head, self.ps, backward=True)
         sums = sum_over(self.ps.dp_group, sums, dev)
-        all_reduce_grads_(model.parameters(), self.ps.dp_group)
-        grad_norm = float(global_grad_norm(model.parameters(), model.tp_group))
+        if self.ps.pp_size > 1:  # the metrics are summed on the last stage only
+            sums = sum_over(self.ps.pp_group, sums, dev)
+        reduce_grads_(model, self.ps)
+        grad_norm = float(global_grad_norm(model.parameters(), model.tp_group, self.ps.pp_group))
         loss_value = float(sums[0])
         metrics = {
             "loss": loss_value, "clip_frac": float(sums[1]), "approx_kl": float(sums[2]), "entropy": float(sums[3]),

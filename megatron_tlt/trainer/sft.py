@@ -14,11 +14,12 @@ import torch
 
 from megatron_tlt.config.schema import OptimConfig
 from megatron_tlt.data.packing import pack_sequences, plan_micro_batches
-from megatron_tlt.models.packed import packed_forward
+from megatron_tlt.models.packed import token_logprobs
 from megatron_tlt.parallel.collectives import sum_over
-from megatron_tlt.parallel.grads import all_reduce_grads_, clip_grads_, global_grad_norm
+from megatron_tlt.parallel.grads import clip_grads_, global_grad_norm, reduce_grads_
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.trainer.optimizer import build_optimizer
+from megatron_tlt.trainer.schedule import run_micro_batches
 
 
 def supervised_warmup(
@@ -29,20 +30,29 @@ def supervised_warmup(
     (mean per trained token, over the whole DP batch)."""
     opt = build_optimizer(model.parameters(), OptimConfig(lr=lr, weight_decay=0.0), ps)
     g = torch.Generator().manual_seed(seed)
+    chunk = model.chunks[-1] if hasattr(model, "chunks") else model  # the one holding the LM head
     losses = []
     for _ in range(steps):
         idx = torch.randperm(len(sequences), generator=g)[:batch_size].tolist()[ps.dp_rank :: ps.dp_size]
         opt.zero_grad(set_to_none=True)
         (num_tokens,) = sum_over(ps.dp_group, [sum(sum(train_masks[i][1:]) for i in idx)], ps.device)
-        total = 0.0
-        for b in plan_micro_batches([len(sequences[i]) for i in idx], micro_batch_tokens):
-            pb = pack_sequences([sequences[idx[k]] for k in b], train_masks=[train_masks[idx[k]] for k in b])
-            lp = packed_forward(model, pb).logprobs  # [T]
-            loss = -(lp * pb.loss_mask.to(lp.device)).sum() / num_tokens
-            loss.backward()
-            total += loss.item()
-        all_reduce_grads_(model.parameters(), ps.dp_group)
-        clip_grads_(model.parameters(), grad_clip, global_grad_norm(model.parameters(), model.tp_group))
+        total = torch.zeros((), dtype=torch.float64)
+        packs = [pack_sequences([sequences[idx[k]] for k in b], train_masks=[train_masks[idx[k]] for k in b])
+                 for b in plan_micro_batches([len(sequences[i]) for i in idx], micro_batch_tokens)]
+
+        def head(k: int, hidden: torch.Tensor) -> torch.Tensor:  # the last stage: pack k's summed token loss / num_tokens
+            nonlocal total
+            lp = token_logprobs(chunk, hidden, packs[k].targets)[0]  # [T]
+            loss = -(lp * packs[k].loss_mask.to(lp.device)).sum() / num_tokens
+            total += loss.detach().double().cpu()
+            return loss
+
+        run_micro_batches(model, packs, head, ps, backward=True)
+        reduce_grads_(model, ps)
+        clip_grads_(model.parameters(), grad_clip, global_grad_norm(model.parameters(), model.tp_group, ps.pp_group))
         opt.step()
-        losses.append(sum_over(ps.dp_group, [total], ps.device)[0])
+        (loss,) = sum_over(ps.dp_group, [float(total)], ps.device)
+        if ps.pp_size > 1:  # the loss is summed on the last stage only
+            (loss,) = sum_over(ps.pp_group, [loss], ps.device)
+        losses.append(loss)
     return losses

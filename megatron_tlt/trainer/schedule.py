@@ -1,0 +1,111 @@
+"""Micro-batches through the model, one pipeline schedule for the update, the forward-only passes and the SFT.
+
+    run_micro_batches(model, packs, head, ps, backward=True)
+
+runs every packed micro-batch (`data.packing.PackedBatch`) through the model and calls `head(k, hidden)` on
+the rank that holds the last stage with pack k's final normed hidden states [T_k, H]; with `backward`,
+`head` returns pack k's loss and gradients accumulate in the parameters' `.grad` (summed over the
+micro-batches, unscaled: the loss is normalised by the caller, `rl.algorithms.policy_loss`).
+
+- PP = 1: a plain loop, forward then backward per micro-batch.
+- PP > 1: torch.distributed.pipelining's `Schedule1F1B` (vpp = 1) or `ScheduleInterleaved1F1B` (vpp > 1)
+  over the rank's chunks (`models.pipeline.PolicyStage`), forward-only passes through the same schedule's
+  `eval()`. Activations between stages have one static shape per call: every pack is padded at its end to
+  the longest pack's token count (the padding is one extra example of its own, so attention never crosses
+  into it, and `head` sees only the real tokens); the number of micro-batches is padded to a multiple of
+  the pipeline size with all-padding micro-batches whose loss is 0. The stages are built with these static
+shapes, so the schedule runs no metadata-inference pass. Each stage reads its micro-batch's
+  position ids and cu_seqlens by index (the `mb` keyword reaches every stage), never from the activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from megatron_tlt.models.packed import chunk_forward
+from megatron_tlt.parallel.state import ParallelState
+
+Head = Callable[[int, torch.Tensor], torch.Tensor]
+_EMPTY_TOKENS = 8  # token count of the padding micro-batches when this pipeline has no pack at all
+
+
+@dataclass
+class _Padded:
+    tokens: torch.Tensor  # [T] long
+    position_ids: torch.Tensor  # [T]
+    cu_seqlens: torch.Tensor  # [N + 1 (+1 with padding)] int32
+    max_seqlen: int
+    num_real: int  # tokens of the pack itself (the rest is padding)
+
+
+def _pad(pb, length: int) -> _Padded:
+    n = 0 if pb is None else len(pb.tokens)
+    pad = length - n
+    if pb is None:
+        return _Padded(torch.zeros(length, dtype=torch.long), torch.arange(length), torch.tensor([0, length], dtype=torch.int32),
+                       length, 0)
+    tokens = torch.cat([pb.tokens.long(), torch.zeros(pad, dtype=torch.long)])
+    pos = torch.cat([pb.position_ids.long(), torch.arange(pad)])
+    cu = pb.cu_seqlens.to(torch.int32)
+    if pad:
+        cu = torch.cat([cu, torch.tensor([length], dtype=torch.int32)])
+    return _Padded(tokens, pos, cu, max(pb.max_seqlen, pad), n)
+
+
+class _Chunk(nn.Module):
+    """One model chunk as a pipelining stage module: forward(tokens or hidden [1, T(, H)], mb [1]) -> [1, T, H]."""
+
+    def __init__(self, chunk: nn.Module, padded: list[_Padded]):
+        super().__init__()
+        self.chunk, self.padded = chunk, padded
+
+    def forward(self, x: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+        p = self.padded[int(mb)]
+        dev = x.device
+        first = self.chunk.pre_process
+        return self.chunk.hidden_states(x if first else None, hidden=None if first else x, position_ids=p.position_ids[None].to(dev),
+                                        cu_seqlens=p.cu_seqlens.to(dev), max_seqlen=p.max_seqlen)
+
+
+def run_micro_batches(model: nn.Module, packs: list, head: Head, ps: ParallelState, *, backward: bool) -> None:
+    """See the module docstring. Every rank of the pipeline calls it with the same packs."""
+    if ps.pp_size == 1:
+        for k, pb in enumerate(packs):
+            out = head(k, chunk_forward(model, pb))
+            if backward:
+                out.backward()
+        return
+    _pipelined(model, packs, head, ps, backward)
+
+
+def _pipelined(stage, packs: list, head: Head, ps: ParallelState, backward: bool) -> None:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+    length = max((len(pb.tokens) for pb in packs), default=_EMPTY_TOKENS)
+    m = -(-max(len(packs), 1) // ps.pp_size) * ps.pp_size
+    padded = [_pad(packs[k] if k < len(packs) else None, length) for k in range(m)]
+
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        k = int(target)
+        if k >= len(packs):
+            return output.sum() * 0.0
+        return head(k, output[0, : padded[k].num_real])
+
+    # static shapes (no metadata inference, which would run a forward and `head` on a made-up micro-batch)
+    dtype = next(stage.parameters()).dtype
+    hidden = torch.empty(1, length, stage.cfg.hidden_size, dtype=dtype, device="meta", requires_grad=backward)
+    tokens = torch.empty(1, length, dtype=torch.long, device="meta")
+    stages = [PipelineStage(_Chunk(c, padded), sid, stage.num_stages, ps.device, group=ps.pp_group,
+                            input_args=tokens if c.pre_process else hidden, output_args=hidden)
+              for c, sid in zip(stage.chunks, stage.stage_ids)]
+    if len(stages) == 1:
+        schedule = Schedule1F1B(stages[0], m, loss_fn=loss_fn, scale_grads=False)
+    else:
+        schedule = ScheduleInterleaved1F1B(stages, m, loss_fn=loss_fn, scale_grads=False)
+    index = torch.arange(m, device=ps.device)
+    args = (torch.stack([p.tokens for p in padded]).to(ps.device),) if stage.pre_process else ()
+    run = schedule.step if backward else schedule.eval
+    run(*args, mb=index, target=index, return_outputs=False)
