@@ -9,7 +9,10 @@
   bf16 model forward/backward against the fp32 reference, within twice the reference algorithm's own bf16
   error; the KV-cache attention (decode, tree verify) against float64 on the CPU; "auto" picks a CUDA kernel;
 - NCCL: the 1-process group `init_parallel` makes on CUDA is NCCL, and the model, the vocab-parallel
-  logprobs, the gradient all-reduce / global norm and plain collectives run over it.
+  logprobs, the gradient all-reduce / global norm and plain collectives run over it;
+- activation recomputation: selective / full == none under bf16 autocast with the CUDA kernels, with fewer
+  bytes held between forward and backward; sequence parallelism over NCCL (megatron-core's own CUDA path) ==
+  TP = 2 without it, which needs two GPUs (skipped on one).
 
 Skipped without CUDA ("needs CUDA"); each test takes seconds on an H200.
 """
@@ -260,3 +263,70 @@ def test_nccl_group_runs_the_model_and_collectives(ps):
     assert x.tolist() == parts[0].tolist() == list(range(6))
     assert sum_over(ps.dp_group, [1.5, 2.0], device=ps.device) == [1.5, 2.0]
     assert max_over(ps.dp_group, [3.0], device=ps.device) == [3.0]
+
+
+# ---- activation recomputation (one GPU) and sequence parallelism (two GPUs) ----
+
+
+def test_recompute_on_cuda_matches_none_and_holds_fewer_activations(ps):
+    """selective / full recompute under bf16 autocast with the CUDA attention kernel: the loss and gradients of
+    none (up to the kernels' own run-to-run noise), and fewer bytes alive between forward and backward (full: at
+    least 3x fewer than none)."""
+    policy = _policy(ps).train()
+    pb = _packed_batch([700, 300, 1024, 24], seed=3)
+    mask = pb.loss_mask.to(ps.device)
+    held, losses, grads = {}, {}, {}
+    for mode in ("none", "selective", "full"):
+        policy.set_recompute(mode)
+        policy.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = packed_forward(policy, pb, compute_entropy=True)
+        torch.cuda.synchronize()
+        held[mode] = torch.cuda.memory_allocated() - before
+        loss = -(out.logprobs * mask).sum() - 0.1 * (out.entropy * mask).sum()
+        loss.backward()
+        losses[mode], grads[mode] = loss.detach(), torch.cat([p.grad.float().flatten() for p in policy.parameters()])
+    policy.set_recompute("none")
+    print(f"bytes held between forward and backward: {held}")
+    for mode in ("selective", "full"):
+        torch.testing.assert_close(losses[mode], losses["none"], rtol=1e-5, atol=0, msg=lambda m: f"{mode}: {m}")
+        assert rel_err(grads[mode], grads["none"]) <= 1e-3, f"{mode}: gradient rel. error {rel_err(grads[mode], grads['none']):.3g}"
+    assert held["selective"] < held["none"] and 3 * held["full"] <= held["none"], held
+
+
+def _sequence_parallel_worker(rank: int, world_size: int, port: int) -> None:
+    import test_sequence_parallel as sp  # the CPU test's configs, micro-batch, step and comparison
+
+    from megatron_tlt.config.schema import ParallelConfig
+    from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
+    from megatron_tlt.parallel.state import set_local_rank_env
+
+    set_local_rank_env(rank, world_size, port)
+    ps = init_parallel(ParallelConfig(tensor_parallel_size=2))  # NCCL, cuda:rank: megatron-core's own SP path
+    try:
+        for name in sp.CONFIGS:
+            cfg = dataclasses.replace(sp._config(name), attention_backend="sdpa_segments")  # fp32
+            set_seed(0)
+            plain = Policy(cfg, tp_group=ps.tp_group).to(ps.device)
+            weights = gather_full_state_dict(plain, ps.tp_group)
+            want = sp._step(plain, ps.tp_group)
+            for recompute in ("none", "full"):
+                model = Policy(cfg, tp_group=ps.tp_group, init_weights=False, sequence_parallel=True).to(ps.device)
+                load_full_state_dict(model, weights, ps.tp_group)
+                model.set_recompute(recompute)
+                sp._assert_close(sp._step(model, ps.tp_group), want, f"{name}, rank {rank}, SP, recompute={recompute}")
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sequence parallelism needs TP = 2: two CUDA devices")
+def test_sequence_parallel_on_two_gpus():
+    """TP = 2 over NCCL with sequence parallelism (megatron-core's sequence-parallel linears and regions, not the
+    CPU Functions) == TP = 2 without it: loss, logprobs, hidden states, gradients, weights after AdamW."""
+    import torch.multiprocessing as mp
+
+    from megatron_tlt.parallel.state import free_port
+
+    mp.spawn(_sequence_parallel_worker, args=(2, free_port()), nprocs=2, join=True)

@@ -13,6 +13,19 @@ Three input modes of `hidden_states` (tokens always `[B, S]`, hidden `[B, S, H]`
 - cache:  `model.hidden_states(tokens, position_ids=pos, cache=CacheBatch(...))` prefill / decode / verify.
 It returns the final normed hidden states (the LM head's input); `compute_logits(hidden)` applies the LM
 head, and `model(tokens, **kw)` is the two in one (logits).
+
+Two memory options act only with autograd on (training passes), never on the cache path:
+- `model.set_recompute("selective" | "full", every=k)` (`optim.recompute`): activations recomputed in backward
+  with `torch.utils.checkpoint` (non-reentrant). selective, as Megatron's: each layer's attention core (between
+  q/k/v and o_proj) and MLP activation (silu(gate) * up); full: whole decoder layers, this stage's 0th, k-th,
+  2k-th, ... The layers draw no random numbers, and a recomputed layer replays its TP collectives in the same
+  order on every rank.
+- `Policy(..., sequence_parallel=True)` (`parallel.sequence_parallel`, TP > 1, packed input): the residual
+  stream and the layers' norms hold [T / tp, H], this rank's slice of the packed row (padded with one extra
+  example of zeros to a multiple of tp); megatron-core's sequence-parallel linears all-gather it before q/k/v
+  and gate/up, and reduce-scatter after o_proj and down_proj; the stage's output is gathered back to [1, T, H]
+  (the final norm runs on it), so callers see the same tensors as without it. The norms' replicated weights get
+  their gradients summed over TP in backward. Without autograd (rollouts) the row is not sharded.
 """
 from __future__ import annotations
 
@@ -21,27 +34,31 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from megatron_tlt.config.schema import ModelConfig
+from megatron_tlt.config.schema import RECOMPUTE_MODES, ModelConfig
 from megatron_tlt.models.kv_cache import CacheBatch
 from megatron_tlt.ops.attention import cache_attention_mask, cached_attention, dense_causal_attention, packed_attention
 from megatron_tlt.ops.linear import linear
 from megatron_tlt.ops.rope import apply_rope, inverse_frequencies, rope_cos_sin
-from megatron_tlt.parallel.tensor_parallel import TPLayers, copy_to_tp_region, gather_last_dim
+from megatron_tlt.parallel.tensor_parallel import (
+    TPLayers, copy_to_tp_region, gather_from_sp_region, gather_last_dim, scatter_to_sp_region,
+)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp_group=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
-        # Set when each TP rank normalises a different shard (q/k heads) with this replicated weight:
-        # its gradient is then summed over the TP group in backward.
+        # Set when each TP rank normalises a different shard (q/k heads, or the sequence under sequence
+        # parallelism) with this replicated weight: its gradient is then summed over the TP group in backward.
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight if self.tp_group is None else copy_to_tp_region(self.weight, group=self.tp_group)
+        summed = self.tp_group is not None and torch.is_grad_enabled()
+        w = copy_to_tp_region(self.weight, group=self.tp_group) if summed else self.weight
         return w * h.to(x.dtype)
 
 
@@ -60,6 +77,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.cache_index = cache_index  # position of this layer in a stage-local KV cache
         self.attention_backend = cfg.attention_backend  # packed attention's kernel (ops.attention.select_backend)
+        self.recompute = False  # the attention core recomputed in backward (Policy.set_recompute)
         self.q_proj = b.linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, parallel="column", bias=cfg.qkv_bias)
         self.k_proj = b.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, parallel="column", bias=cfg.qkv_bias)
         self.v_proj = b.linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, parallel="column", bias=cfg.qkv_bias)
@@ -72,9 +90,11 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache: Optional[CacheBatch] = None, cache_mask=None):
-        # x: [B, S, H]; cos/sin: [B, S, D]
-        B, S, _ = x.shape
-        q = self.q_proj(x)[0].view(B, S, self.num_heads, self.head_dim)
+        # x: [B, S, H], or [S / tp, H] under sequence parallelism (the q/k/v projections gather the row); cos/sin: [B, S, D]
+        B, S = cos.shape[:2]
+        q = self.q_proj(x)[0]
+        out_shape = q.shape  # o_proj's input: [B, S, heads * D], or [S, heads * D] under sequence parallelism
+        q = q.view(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x)[0].view(B, S, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x)[0].view(B, S, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -83,11 +103,21 @@ class Attention(nn.Module):
         if cache is not None:
             k_all, v_all = cache.write(self.cache_index, k, v)  # [B, kv_len, Hkv, D]
             o = cached_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), cache_mask, self.scale)
-        elif cu_seqlens is not None:
-            o = packed_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen, self.scale, self.attention_backend).unsqueeze(0)
+        elif self.recompute and torch.is_grad_enabled():
+            o = checkpoint(self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
         else:
-            o = dense_causal_attention(q, k, v, self.scale)
-        return self.o_proj(o.reshape(B, S, self.num_heads * self.head_dim))[0]
+            o = self._core(q, k, v, cu_seqlens, max_seqlen)
+        return self.o_proj(o.reshape(out_shape))[0]
+
+    def _core(self, q, k, v, cu_seqlens, max_seqlen):
+        """The attention core without a cache: q [B, S, Hq, D], k/v [B, S, Hkv, D] -> [B, S, Hq, D]."""
+        if cu_seqlens is None:
+            return dense_causal_attention(q, k, v, self.scale)
+        return packed_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen, self.scale, self.attention_backend).unsqueeze(0)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -97,19 +127,25 @@ class MLP(nn.Module):
         self.gate_proj = b.linear(cfg.hidden_size, cfg.intermediate_size, parallel="column")
         self.up_proj = b.linear(cfg.hidden_size, cfg.intermediate_size, parallel="column")
         self.down_proj = b.linear(cfg.intermediate_size, cfg.hidden_size, parallel="row")
+        self.recompute = False  # the activation recomputed in backward (Policy.set_recompute)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+        gate, up = self.gate_proj(x)[0], self.up_proj(x)[0]
+        if self.recompute and torch.is_grad_enabled():
+            return self.down_proj(checkpoint(_swiglu, gate, up, use_reentrant=False))[0]
+        return self.down_proj(_swiglu(gate, up))[0]
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, b: TPLayers, cache_index: int):
         super().__init__()
         cfg = b.cfg
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, b.dtype)
+        sequence_group = b.tp_group if b.sequence_parallel else None  # the norms see a sequence shard
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, b.dtype, tp_group=sequence_group)
         self.self_attn = Attention(b, cache_index)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, b.dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, b.dtype, tp_group=sequence_group)
         self.mlp = MLP(b)
+        self.recompute = False  # the whole layer recomputed in backward (Policy.set_recompute)
 
     def forward(self, x, cos, sin, **attn_kw):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, **attn_kw)
@@ -128,12 +164,14 @@ class Policy(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         init_weights: bool = True,
+        sequence_parallel: bool = False,  # with TP > 1: training passes shard the packed row over TP (module docstring)
     ):
         super().__init__()
-        b = TPLayers(cfg, tp_group, init_weights)
+        b = TPLayers(cfg, tp_group, init_weights, sequence_parallel=sequence_parallel)
         if cfg.padded_vocab_size % b.tp_size:
             raise ValueError(f"padded vocab size {cfg.padded_vocab_size} is not divisible by tensor_parallel_size={b.tp_size}")
         self.cfg, self.tp_group, self.tp_size = cfg, tp_group, b.tp_size
+        self.sequence_parallel = b.sequence_parallel  # False at TP = 1
         self.pre_process, self.post_process = pre_process, post_process
         first, last = layer_range or (0, cfg.num_layers)
         self.layer_range = (first, last)
@@ -146,6 +184,16 @@ class Policy(nn.Module):
         if cfg.tie_word_embeddings and not pre_process and post_process:
             raise NotImplementedError("tied embeddings across pipeline stages are not implemented yet")
         self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+
+    def set_recompute(self, mode: str, every: int = 1) -> None:
+        """Activation recomputation of training passes (`optim.recompute`, `optim.recompute_every`): "none",
+        "selective" (every layer's attention core and MLP activation) or "full" (the decoder layers whose index
+        within this stage is a multiple of `every`)."""
+        if mode not in RECOMPUTE_MODES or every < 1:
+            raise ValueError(f"recompute={mode!r}, every={every}: expected one of {RECOMPUTE_MODES} and every >= 1")
+        for j, layer in enumerate(self.layers.values()):
+            layer.recompute = mode == "full" and j % every == 0
+            layer.self_attn.recompute = layer.mlp.recompute = mode == "selective"
 
     # ---- pieces the trainer, the engine and the drafter use directly ----
     def output_weight(self) -> torch.Tensor:
@@ -181,11 +229,36 @@ class Policy(nn.Module):
             position_ids = (start + torch.arange(S, device=x.device)).expand(B, S)
         if cu_seqlens is not None and B != 1:
             raise ValueError("packed input must have batch size 1: tokens [1, T]")
+        sequence_parallel = self.sequence_parallel and torch.is_grad_enabled()
+        if sequence_parallel:
+            x, position_ids, cu_seqlens, max_seqlen = self._shard_sequence(x, position_ids, cu_seqlens, max_seqlen)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         cache_mask = cache_attention_mask(cache.start, S, cache.kv_len, cache.new_mask) if cache is not None else None
+        kw = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_mask=cache_mask)
+        recompute = torch.is_grad_enabled() and cache is None
         for layer in self.layers.values():
-            x = layer(x, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_mask=cache_mask)
+            if layer.recompute and recompute:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False, **kw)
+            else:
+                x = layer(x, cos, sin, **kw)
+        if sequence_parallel:
+            x = gather_from_sp_region(x, self.tp_group)[None, :S]  # [1, T, H], the padding dropped
         return self.norm(x) if self.post_process else x
+
+    def _shard_sequence(self, x, position_ids, cu_seqlens, max_seqlen):
+        """Sequence parallelism's entry: the packed row x [1, T, H] padded to a multiple of tp with one extra
+        example (zeros at positions 0), then this rank's [T_pad / tp, H]; the padded row's positions [1, T_pad],
+        cu_seqlens and max_seqlen."""
+        if cu_seqlens is None:
+            raise ValueError("sequence parallelism trains on packed input: with autograd on, pass cu_seqlens")
+        T = x.shape[1]
+        pad = -T % self.tp_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+            position_ids = F.pad(position_ids, (0, pad))
+            cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), T + pad)])
+            max_seqlen = None if max_seqlen is None else max(max_seqlen, pad)
+        return scatter_to_sp_region(x[0], self.tp_group), position_ids, cu_seqlens, max_seqlen
 
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, vocab_size] (the whole model); `kw` as `hidden_states`'."""
