@@ -19,7 +19,7 @@ from pathlib import Path
 
 from megatron_tlt.config import Config, to_yaml
 from megatron_tlt.coordinator.assignment import RolloutId, assign_prompts
-from megatron_tlt.coordinator.exchange import exchange_for_update
+from megatron_tlt.coordinator.exchange import exchange_for_update, return_hidden
 from megatron_tlt.data.datasets import PromptSampler
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES
 from megatron_tlt.metrics import MetricsLogger
@@ -27,7 +27,9 @@ from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.rewards import RewardPool, build_reward_fn
 from megatron_tlt.step.checkpointing import RunState, open_run_dir
 from megatron_tlt.step.evaluate import evaluate
-from megatron_tlt.step.setup import build_datasets, build_engine, build_policy, build_tokenizer, frozen_copy, sampling_params
+from megatron_tlt.step.setup import (
+    build_datasets, build_engine, build_policy, build_rollout_weights, build_tokenizer, frozen_copy, sampling_params,
+)
 from megatron_tlt.step.stages import StepTally, assign_advantages, drop_equal_reward_groups, num_groups, rollout, score, step_metrics
 from megatron_tlt.step.tlt import build_drafter_training
 from megatron_tlt.step.warmup import warm_up
@@ -37,20 +39,23 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config) -> Path:
-    ps = init_parallel(cfg.parallel)
+    ps = init_parallel(cfg.parallel, cfg.rollout.tensor_parallel_size)
+    rps = ps.rollout  # the rollout layout: rollout, rewards, advantages and TLT run here (`ps` itself when layouts agree)
     set_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # run.resume / run.overwrite: the checkpoint to continue from, or None (refuses another run's directory)
     resume_from = open_run_dir(run_dir, cfg.run.resume, cfg.run.overwrite, cfg.run.steps)
     tokenizer, tok_dir = build_tokenizer(cfg, run_dir, ps)
-    model = build_policy(cfg, ps)
+    model = build_policy(cfg, ps)  # the training layout: this rank's TP shard of its pipeline stage
+    weights = build_rollout_weights(cfg, model, ps)  # the rollout layout's copy (the policy itself when layouts agree)
     if ps.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     train_ds, eval_ds = build_datasets(cfg, tokenizer)
     sampler = PromptSampler(len(train_ds), seed=cfg.run.seed)
-    engine, drafter = build_engine(cfg, model, ps)
-    tlt = build_drafter_training(cfg, drafter, ps)  # does nothing unless the drafter is trained online
+    engine, drafter = build_engine(cfg, weights.model, rps)
+    weights.engine = engine
+    tlt = build_drafter_training(cfg, drafter, rps)  # does nothing unless the drafter is trained online
     reward_fn = build_reward_fn([{"name": r.name, "weight": r.weight} for r in cfg.reward.fns])
     trainer = PolicyTrainer(model, cfg.optim, cfg.algo, ps, total_steps=cfg.run.steps, temperature=cfg.rollout.temperature,
                             ref_model=frozen_copy(model) if cfg.algo.kl_coef > 0 else None)
@@ -63,10 +68,11 @@ def train(cfg: Config) -> Path:
         log.info("resumed from %s after %d steps%s", resume_from, start,
                  " (the run is already complete)" if start == cfg.run.steps else "")
     else:
-        warm_up(cfg, model, drafter, engine, tokenizer, train_ds, ps)
+        warm_up(cfg, model, weights, drafter, engine, tokenizer, train_ds, ps)
 
     def held_out() -> float:  # scored by the pool: the rollouts' reward timeout and accounting
-        return evaluate(engine, eval_ds, pool, tokenizer, cfg.rollout.max_new_tokens, ps)
+        with weights.acquired(trainer.version):
+            return evaluate(engine, eval_ds, pool, tokenizer, cfg.rollout.max_new_tokens, rps)
 
     pool = RewardPool(reward_fn, cfg.reward.num_workers, cfg.reward.timeout_s)  # before the first evaluation
     try:
@@ -83,33 +89,39 @@ def train(cfg: Config) -> Path:
             t0 = time.perf_counter()
             tally, samples = StepTally(), []
             # 1. rollout, 2. rewards (dynamic sampling draws more prompts while groups carry no signal)
-            for round_ in range(1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)):
-                want = cfg.run.prompts_per_step - num_groups(samples, ps)
-                if want <= 0:
-                    break
-                rid = RolloutId(step, round_)
-                # the same draw on every rank; each rolls out its share
-                prompts = {g: train_ds[i] for g, i in assign_prompts(sampler.take(want), tally.drawn, ps).items()}
-                params = sampling_params(cfg.rollout, tokenizer, rid.seed(cfg.run.seed))
-                new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
-                tally.add_engine(engine.stats)
-                new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)
-                tally.add_rewards(reward_stats)
-                tlt.rollout_done(rid)  # TLT: train the drafter until the slowest rank's rollout is done too
-                tally.drawn += want
-                samples += drop_equal_reward_groups(new) if cfg.algo.dynamic_sampling else new
-            tally.metrics.update(tlt.merge())
-            # 3. advantages where the groups live, 4. packed policy update (weights are shared with the engine)
-            samples, advantage_metrics = assign_advantages(samples, cfg.algo, cfg.rollout.max_new_tokens, ps)
+            with weights.acquired(trainer.version):  # training layout -> rollout layout (when they differ)
+                tally.metrics.update(weights.last)
+                for round_ in range(1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)):
+                    want = cfg.run.prompts_per_step - num_groups(samples, rps)
+                    if want <= 0:
+                        break
+                    rid = RolloutId(step, round_)
+                    # the same draw on every rank; each rollout replica rolls out its share
+                    prompts = {g: train_ds[i] for g, i in assign_prompts(sampler.take(want), tally.drawn, rps).items()}
+                    params = sampling_params(cfg.rollout, tokenizer, rid.seed(cfg.run.seed))
+                    new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
+                    tally.add_engine(engine.stats)
+                    new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)
+                    tally.add_rewards(reward_stats)
+                    tlt.rollout_done(rid)  # TLT: train the drafter until the slowest rank's rollout is done too
+                    tally.drawn += want
+                    samples += drop_equal_reward_groups(new) if cfg.algo.dynamic_sampling else new
+                tally.metrics.update(tlt.merge())
+            # 3. advantages where the groups live, 4. packed policy update in the training layout
+            samples, advantage_metrics = assign_advantages(samples, cfg.algo, cfg.rollout.max_new_tokens, rps)
             tally.metrics.update(advantage_metrics)
             batch = exchange_for_update(samples, cfg.optim.micro_batch_tokens, ps)
             if batch.response_lengths:
                 train_metrics, hidden = tally.timed("train_time_s", trainer.step, batch.samples, batch.micro_batches,
                                                     cfg.rollout.max_new_tokens, collect_hidden=tlt.collect_hidden)
                 tally.metrics.update(train_metrics)
-                tlt.add_update(step, batch.samples, hidden)  # TLT: the update's own forward fills the drafter's buffer
+                # TLT: the update's own forward fills the drafter's buffer (on the rollout replica of each sample)
+                if ps.same_layouts:
+                    tlt.add_update(step, batch.samples, hidden)
+                elif tlt.collect_hidden:
+                    tlt.add_update(step, samples, return_hidden(batch, hidden, model.cfg.hidden_size, ps))
             # 5. log and checkpoint
-            metrics = step_metrics(batch, tally, time.perf_counter() - t0, cfg.rollout.spec != "off", ps)
+            metrics = step_metrics(batch, tally, time.perf_counter() - t0, cfg.rollout.spec != "off", rps)
             done = step + 1
             if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
                 metrics["eval_accuracy"] = last_accuracy = held_out()

@@ -29,6 +29,7 @@ from megatron_tlt.config.dtypes import TORCH_DTYPES, dtype_name
 from megatron_tlt.config.schema import ModelConfig
 from megatron_tlt.errors import CheckpointError
 from megatron_tlt.models.hf import CONFIG_NAME, hf_to_tlt_state_dict, model_config_from_hf, read_hf_dir
+from megatron_tlt.models.pipeline import PolicyStage, build_stage
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.sharding import load_full_state_dict
 from megatron_tlt.parallel.state import ParallelState, get_parallel_state
@@ -58,14 +59,17 @@ def load_model(
     device: Union[None, str, torch.device] = None,
     dtype: Union[None, str, torch.dtype] = None,
     attention_backend: str = "auto",
-) -> Policy:
+    pipeline: tuple[int, int, int, Optional[list[int]]] = (0, 1, 1, None),
+) -> Union[Policy, PolicyStage]:
     """The Policy stored in `path` (an HF model directory or a megatron_tlt checkpoint), in eval mode.
 
     tp_group: default the initialised parallel state's TP group (RuntimeError if there is neither);
     device: default the parallel state's device (CPU without one); dtype: default the stored one (HF's
     `dtype` / `torch_dtype`, or the checkpoint's params_dtype); attention_backend: a name of
     config.schema.ATTENTION_BACKENDS, "auto" by default (a choice for this machine: the one a checkpoint
-    was trained with is not reused).
+    was trained with is not reused); pipeline: (pp_rank, pp, vpp, layout) -- with pp > 1 the
+    `models.pipeline.PolicyStage` of that pipeline rank (the stored tensors are whole-model and named
+    globally, so any TP x PP can load any checkpoint).
     """
     path = Path(path)
     state = _parallel_state_or_none()
@@ -76,14 +80,26 @@ def load_model(
                 "(or pass tp_group=)"
             )
         tp_group = state.tp_group
+    if device is None:
+        device = state.device if state is not None else torch.device("cpu")
+    pp_rank, pp, vpp, layout = pipeline
+
+    def build(cfg: ModelConfig):
+        if pp == 1:
+            return Policy(cfg, tp_group=tp_group, init_weights=False).to(device)
+        return build_stage(cfg, tp_group, pp_rank, pp, vpp, layout, device=device, init_weights=False)
+
     if is_tlt_checkpoint(path):
-        model = Policy(_with_runtime(read_model_config(path), dtype, attention_backend), tp_group=tp_group, init_weights=False)
+        model = build(_with_runtime(read_model_config(path), dtype, attention_backend))
         load_checkpoint(path, model, tp_group=tp_group)
     elif (path / CONFIG_NAME).is_file():
         hf_config, hf_state_dict = read_hf_dir(path)
         cfg = _with_runtime(model_config_from_hf(hf_config), dtype, attention_backend)
-        model = Policy(cfg, tp_group=tp_group, init_weights=False)
+        model = build(cfg)
         state_dict = hf_to_tlt_state_dict(hf_state_dict, cfg)
+        names = dict(model.named_parameters())
+        if pp > 1:  # this stage's tensors (a missing one is still an error)
+            state_dict = {n: t for n, t in state_dict.items() if n in names}
         try:
             load_full_state_dict(model, state_dict, tp_group)
         except (KeyError, ValueError) as e:  # names the tensor that does not fit the config
@@ -93,6 +109,4 @@ def load_model(
             f"{path} is neither a megatron_tlt checkpoint nor a Hugging Face model directory "
             f"(looked for a checkpoint written by megatron_tlt.checkpoint.dcp.save_checkpoint, and for {CONFIG_NAME})"
         )
-    if device is None:
-        device = state.device if state is not None else torch.device("cpu")
     return model.to(device).eval()

@@ -23,20 +23,39 @@ How, for one step (every DP rank calls it with its own scored samples):
    no size exchange is needed. A rank's samples come in global order.
 
 `bytes_received` counts what this rank received from other ranks in steps 1 and 3.
+
+Across layouts (training PP > 1 or another rollout TP, `ps.same_layouts` false) the samples live on the
+rollout-DP ranks (rollout TP peers hold the same ones: the rollout-TP rank 0 of each replica speaks for it)
+and every rank of a training replica (all its stages and TP ranks) needs its micro-batches: the lengths are
+gathered over the world, the whole batch is bin-packed and the micro-batches balanced by tokens over the
+training DP replicas (the same plan everywhere), and one all_to_all over the world brings each sample from
+its rollout rank to every rank of the replica that trains it. `return_hidden` sends the update's hidden
+states (the last stage's) back to the rollout replica that rolled each sample out, whose ranks train the
+drafter on them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_tlt.data.packing import plan_micro_batches
+from megatron_tlt.data.packing import balance_across_ranks, plan_micro_batches
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.sample import FINISH_REASONS, Sample
 
 _HEADER = 6  # int32 per sample before the floats: prompt len, response len, group, trained, policy version, finish
+
+
+@dataclass
+class _Route:
+    """Across layouts: where every sample of the step came from and who trains it (the same on every rank)."""
+    origin: list[int]  # global index -> the world rank (rollout-TP rank 0) that rolled it out
+    local: list[int]  # global index -> its index in that rank's samples
+    response_lens: list[int]  # global index -> response length
+    replica_ids: list[list[int]]  # training DP replica -> its samples' global indices, in global order
 
 
 @dataclass
@@ -46,6 +65,7 @@ class UpdateBatch:
     response_lengths: list[int]  # every sample of the step's batch (all DP ranks, in DP-rank order)
     reward_mean: float  # over the step's batch (0 when it is empty)
     bytes_received: int  # from other DP ranks, by this rank
+    route: Optional[_Route] = None  # across layouts only (for return_hidden)
 
 
 def plan_update(lengths: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
@@ -98,28 +118,31 @@ def _decode(buf: bytes) -> Sample:
     )
 
 
-def _gather(samples: list[Sample], ps: ParallelState) -> tuple[list[list[int]], list[list[int]], float, float]:
-    """(prompt lengths per rank, response lengths per rank, sample count, reward sum) of the global batch."""
+def _gather(samples: list[Sample], group, size: int, device) -> tuple[list[list[int]], list[list[int]], float, float]:
+    """(prompt lengths per rank, response lengths per rank, sample count, reward sum) of the global batch, over
+    the `size` ranks of `group`."""
     mine = torch.tensor([[len(s.prompt_ids), len(s.response_ids)] for s in samples], dtype=torch.int32).reshape(-1, 2)
     head = torch.tensor([len(samples), sum(s.reward for s in samples)], dtype=torch.float64)
-    if ps.dp_size == 1:
+    if size == 1:
         parts, heads = [mine], [head]
     else:
-        heads = [torch.empty(2, dtype=torch.float64, device=ps.device) for _ in range(ps.dp_size)]
-        dist.all_gather(heads, head.to(ps.device), group=ps.dp_group)
+        heads = [torch.empty(2, dtype=torch.float64, device=device) for _ in range(size)]
+        dist.all_gather(heads, head.to(device), group=group)
         counts = [int(h[0]) for h in heads]
-        padded = torch.zeros(max(counts), 2, dtype=torch.int32, device=ps.device)
-        padded[: len(samples)] = mine.to(ps.device)
-        parts = [torch.empty_like(padded) for _ in range(ps.dp_size)]
-        dist.all_gather(parts, padded, group=ps.dp_group)
+        padded = torch.zeros(max(max(counts), 1), 2, dtype=torch.int32, device=device)
+        padded[: len(samples)] = mine.to(device)
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded, group=group)
         parts = [p[:n].cpu() for p, n in zip(parts, counts)]
     total, reward_sum = torch.stack([h.cpu() for h in heads]).sum(0).tolist()
     return [p[:, 0].tolist() for p in parts], [p[:, 1].tolist() for p in parts], total, reward_sum
 
 
 def exchange_for_update(samples: list[Sample], micro_batch_tokens: int, ps: ParallelState) -> UpdateBatch:
-    """This rank's share of the step's packed update (see the module docstring). Every DP rank must call it."""
-    prompt_lens, response_lens, total, reward_sum = _gather(samples, ps)
+    """This rank's share of the step's packed update (see the module docstring). Every rank must call it."""
+    if not ps.same_layouts:
+        return _exchange_across_layouts(samples, micro_batch_tokens, ps)
+    prompt_lens, response_lens, total, reward_sum = _gather(samples, ps.dp_group, ps.dp_size, ps.device)
     plan = plan_update([[p + r for p, r in zip(ps_, rs)] for ps_, rs in zip(prompt_lens, response_lens)], micro_batch_tokens)
     first = np.cumsum([0] + [len(x) for x in prompt_lens]).tolist()
     origin = [r for r, x in enumerate(prompt_lens) for _ in x]  # global index -> the rank that holds it
@@ -152,3 +175,87 @@ def exchange_for_update(samples: list[Sample], micro_batch_tokens: int, ps: Para
     by_index = {**kept, **received}
     return UpdateBatch([by_index[i] for i in mine], micro_batches, [r for rs in response_lens for r in rs],
                        reward_sum / total if total else 0.0, bytes_received)
+
+
+def _all_to_all_bytes(payload: list[bytes], recv_sizes: list[int], device) -> bytes:
+    """One all_to_all_single over the world: payload[r] to rank r, recv_sizes[r] bytes from rank r."""
+    buf = torch.frombuffer(bytearray(b"".join(payload)), dtype=torch.uint8) if any(payload) else torch.empty(0, dtype=torch.uint8)
+    out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(out, buf.to(device), recv_sizes, [len(p) for p in payload])
+    return out.cpu().numpy().tobytes()
+
+
+def _exchange_across_layouts(samples: list[Sample], micro_batch_tokens: int, ps: ParallelState) -> UpdateBatch:
+    world, table, me = ps.world_size, ps.rank_table, ps.rank
+    speaks = table[me].rollout_tp == 0
+    prompt_lens, response_lens, total, reward_sum = _gather(samples if speaks else [], None, world, ps.device)
+    origin = [r for r, x in enumerate(prompt_lens) for _ in x]
+    local = [k for x in prompt_lens for k in range(len(x))]
+    lengths = [p + r for ps_, rs in zip(prompt_lens, response_lens) for p, r in zip(ps_, rs)]
+    flat_response = [r for rs in response_lens for r in rs]
+    bins = plan_micro_batches(lengths, micro_batch_tokens) if lengths else []
+    replica_bins = [[bins[b] for b in group] for group in balance_across_ranks([sum(lengths[i] for i in b) for b in bins], ps.dp_size)]
+    replica_ids = [sorted(i for b in rb for i in b) for rb in replica_bins]
+    replica_of = {i: d for d, ids in enumerate(replica_ids) for i in ids}
+    mine = replica_ids[ps.dp_rank]
+    position = {i: k for k, i in enumerate(mine)}
+    micro_batches = [sorted(position[i] for i in b) for b in replica_bins[ps.dp_rank]]
+    first = {r: 0 for r in range(world)}
+    at = 0
+    for r, x in enumerate(prompt_lens):
+        first[r], at = at, at + len(x)
+    size = [_encoded_size(p, r) for ps_, rs in zip(prompt_lens, response_lens) for p, r in zip(ps_, rs)]
+    send: list[list[bytes]] = [[] for _ in range(world)]
+    if speaks:
+        for k, s in enumerate(samples):
+            i = first[me] + k
+            enc = None
+            for r in range(world):
+                if r != me and table[r].dp == replica_of[i]:
+                    enc = enc or _encode(s)
+                    send[r].append(enc)
+    incoming = [i for i in mine if origin[i] != me]
+    recv_sizes = [sum(size[i] for i in incoming if origin[i] == r) for r in range(world)]
+    data = _all_to_all_bytes([b"".join(p) for p in send], recv_sizes, ps.device)
+    by_index, at = {first[me] + k: s for k, s in enumerate(samples) if speaks and first[me] + k in position}, 0
+    for r in range(world):  # grouped by source rank, each in global order: the order they were sent in
+        for i in (i for i in incoming if origin[i] == r):
+            by_index[i] = _decode(data[at : at + size[i]])
+            at += size[i]
+    bytes_received = 16 * (world - 1) + 8 * max(max((len(x) for x in prompt_lens), default=0), 1) * (world - 1) + len(data)
+    route = _Route(origin, local, flat_response, replica_ids)
+    return UpdateBatch([by_index[i] for i in mine], micro_batches, flat_response, reward_sum / total if total else 0.0,
+                       bytes_received, route)
+
+
+def return_hidden(batch: UpdateBatch, hidden: dict[int, torch.Tensor], hidden_size: int, ps: ParallelState) -> dict[int, torch.Tensor]:
+    """Across layouts: the update's hidden states ({index into batch.samples: [R + 1, H]}, held by the last stage's
+    TP rank 0 of each training replica) sent to every rank of the rollout replica that rolled the sample out.
+    Returns {index into this rank's rollout samples: [R + 1, H] fp32}. Every rank must call it."""
+    route, table, me, world = batch.route, ps.rank_table, ps.rank, ps.world_size
+    sender = {d: next(r for r, c in enumerate(table) if c.dp == d and c.pp == ps.pp_size - 1 and c.tp == 0)
+              for d in range(ps.dp_size)}
+    send: list[list[bytes]] = [[] for _ in range(world)]
+    kept: dict[int, torch.Tensor] = {}
+    my_rollout = table[me].rollout_dp
+    if me == sender[ps.dp_rank]:
+        for k, i in enumerate(route.replica_ids[ps.dp_rank]):
+            h = hidden[k].float().cpu().contiguous()
+            for r in range(world):
+                if table[r].rollout_dp == table[route.origin[i]].rollout_dp:
+                    if r == me:
+                        kept[route.local[i]] = h
+                    else:
+                        send[r].append(h.numpy().tobytes())
+    nbytes = {i: 4 * (route.response_lens[i] + 1) * hidden_size for i in range(len(route.origin))}
+    incoming = [(d, i) for d in range(ps.dp_size) for i in route.replica_ids[d]
+                if table[route.origin[i]].rollout_dp == my_rollout and sender[d] != me]
+    recv_sizes = [sum(nbytes[i] for d, i in incoming if sender[d] == r) for r in range(world)]
+    data = _all_to_all_bytes([b"".join(p) for p in send], recv_sizes, ps.device)
+    at = 0
+    for r in range(world):
+        for d, i in incoming:
+            if sender[d] == r:
+                kept[route.local[i]] = torch.frombuffer(bytearray(data[at : at + nbytes[i]]), dtype=torch.float32).view(-1, hidden_size)
+                at += nbytes[i]
+    return kept

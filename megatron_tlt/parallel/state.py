@@ -23,7 +23,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,15 @@ import torch.distributed as dist
 from megatron_tlt.config.schema import ParallelConfig
 
 log = logging.getLogger(__name__)
+
+
+class RankCoords(NamedTuple):
+    """Where a global rank sits in the training and in the rollout layout."""
+    dp: int
+    pp: int
+    tp: int
+    rollout_dp: int
+    rollout_tp: int
 
 
 @dataclass
@@ -50,8 +59,7 @@ class ParallelState:
     dp_group: dist.ProcessGroup
     # the first and last pipeline stage of this rank's pipeline (tied embedding / LM head); None at PP = 1
     embedding_group: Optional[dist.ProcessGroup] = None
-    # per global rank: its (training DP rank, rollout DP rank, rollout TP rank); the same list on every rank
-    rank_table: tuple[tuple[int, int, int], ...] = ()
+    rank_table: tuple["RankCoords", ...] = ()  # every global rank's coordinates, the same on every rank
     rollout: Optional["ParallelState"] = None  # the rollout layout (see the module docstring); set by init_parallel
 
     @property
@@ -153,8 +161,8 @@ def init_parallel(cfg: ParallelConfig = ParallelConfig(), rollout_tp: Optional[i
     )
     state.rollout = _rollout_layout(state, rollout_tp)
     table = [None] * world_size
-    dist.all_gather_object(table, (state.dp_rank, state.rollout.dp_rank, state.rollout.tp_rank))
-    state.rank_table = tuple(tuple(t) for t in table)
+    dist.all_gather_object(table, (state.dp_rank, state.pp_rank, state.tp_rank, state.rollout.dp_rank, state.rollout.tp_rank))
+    state.rank_table = tuple(RankCoords(*t) for t in table)
     if state.rollout is not state:
         state.rollout.rank_table = state.rank_table
     _STATE = state

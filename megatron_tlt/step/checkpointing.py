@@ -200,10 +200,10 @@ class RunState:
             "trainer": {**self.trainer.state_dict(), "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state()},
         }
         if self.drafter is not None:
-            states["drafter"] = module_state(self.drafter, self.model.tp_group)
+            states["drafter"] = module_state(self.drafter, self.drafter.tp_group)
         if self.drafter_trainer is not None:
             init_adam_state(self.drafter_trainer.optimizer)
-            states["drafter_optimizer"] = optimizer_state(self.drafter, self.drafter_trainer.optimizer, self.model.tp_group)
+            states["drafter_optimizer"] = optimizer_state(self.drafter, self.drafter_trainer.optimizer, self.drafter.tp_group)
             states["trainer"]["drafter_steps"] = self.drafter_trainer.steps
         return states
 

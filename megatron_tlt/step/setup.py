@@ -1,9 +1,10 @@
 """Building a run: tokenizer, policy, held-out and training prompts, the rollout engine and its drafter.
 
     tokenizer, tok_dir = build_tokenizer(cfg, run_dir, ps)
-    model = build_policy(cfg, ps)                       # a fresh policy, or run.model_path (HF dir or checkpoint)
+    model = build_policy(cfg, ps)                       # a fresh policy (this rank's pipeline stage), or run.model_path
+    weights = build_rollout_weights(cfg, model, ps)     # the rollout layout's copy (the policy itself when layouts agree)
     train_ds, eval_ds = build_datasets(cfg, tokenizer)
-    engine, drafter = build_engine(cfg, model, ps)      # drafter None unless rollout.spec != off
+    engine, drafter = build_engine(cfg, weights.model, ps.rollout)   # drafter None unless rollout.spec != off
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from megatron_tlt.config.schema import Config, RolloutConfig
 from megatron_tlt.data.datasets import PromptDataset
 from megatron_tlt.data.tokenizer import build_test_tokenizer, load_tokenizer
+from megatron_tlt.coordinator.reshard import RolloutWeights
+from megatron_tlt.models.pipeline import PolicyStage, build_stage
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rollout import DEFAULT_SHAPES, DraftSelector, RolloutEngine, SamplingParams
@@ -32,15 +35,28 @@ def build_tokenizer(cfg: Config, run_dir: Path, ps: ParallelState):
     return load_tokenizer(tok_dir), Path(tok_dir)
 
 
-def build_policy(cfg: Config, ps: ParallelState) -> Policy:
-    """A freshly initialised policy from `cfg.model`, or the one at `run.model_path` (then `cfg.model` is set from it)."""
+def build_policy(cfg: Config, ps: ParallelState):
+    """A freshly initialised policy from `cfg.model`, or the one at `run.model_path` (then `cfg.model` is set from it):
+    a `Policy`, or with PP > 1 this rank's `PolicyStage`."""
+    p = cfg.parallel
     if cfg.run.model_path is None:
-        return Policy(cfg.model, ps.tp_group).to(ps.device)
+        if ps.pp_size == 1:
+            return Policy(cfg.model, ps.tp_group).to(ps.device)
+        return build_stage(cfg.model, ps.tp_group, ps.pp_rank, ps.pp_size, p.virtual_pipeline_size, p.pipeline_layout, device=ps.device)
     from megatron_tlt.checkpoint.loading import load_model
 
-    model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device, attention_backend=cfg.model.attention_backend)
+    model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device, attention_backend=cfg.model.attention_backend,
+                       pipeline=(ps.pp_rank, ps.pp_size, p.virtual_pipeline_size, p.pipeline_layout))
     cfg.model = model.cfg
     return model
+
+
+def build_rollout_weights(cfg: Config, model, ps: ParallelState) -> RolloutWeights:
+    """The rollout layout's policy (`coordinator.reshard`): the training policy itself when the layouts agree, else a
+    whole-model copy at rollout TP, filled before each rollout."""
+    rollout_model = model if ps.same_layouts else Policy(model.cfg, ps.rollout.tp_group, init_weights=False).to(ps.device)
+    return RolloutWeights(model, rollout_model, ps, keep=cfg.rollout.keep_weights, layout=cfg.parallel.pipeline_layout,
+                          vpp=cfg.parallel.virtual_pipeline_size)
 
 
 def build_engine(cfg: Config, model: Policy, ps: ParallelState):
@@ -69,9 +85,15 @@ def rollout_max_seq_len(cfg: Config, model_cfg=None) -> int:
     return min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, window)
 
 
-def frozen_copy(model: Policy) -> Policy:
-    """A frozen reference policy with the same weights (for the KL term)."""
-    ref = Policy(model.cfg, model.tp_group, init_weights=False).to(next(model.parameters()).device)
+def frozen_copy(model):
+    """A frozen reference policy (or pipeline stage) with the same weights (for the KL term)."""
+    device = next(model.parameters()).device
+
+    def like(c: Policy) -> Policy:
+        return Policy(c.cfg, c.tp_group, layer_range=c.layer_range, pre_process=c.pre_process, post_process=c.post_process,
+                      init_weights=False).to(device)
+
+    ref = PolicyStage([like(c) for c in model.chunks], model.stage_ids, model.num_stages) if isinstance(model, PolicyStage) else like(model)
     ref.load_state_dict(model.state_dict())
     return ref.requires_grad_(False).eval()
 

@@ -1,7 +1,7 @@
 """Before RL: a supervised warm-up of the policy on the synthetic task's worked solutions (`run.sft_steps`),
 then an offline warm-up of the drafter on the policy's own samples (`drafter.warmup_steps`).
 
-    warm_up(cfg, model, drafter, engine, tokenizer, train_ds, ps)
+    warm_up(cfg, model, weights, drafter, engine, tokenizer, train_ds, ps)   # weights: coordinator.reshard.RolloutWeights
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from megatron_tlt.trainer.sft import supervised_warmup
 log = logging.getLogger(__name__)
 
 
-def warm_up(cfg: Config, model, drafter, engine, tokenizer, train_ds: PromptDataset, ps: ParallelState) -> None:
+def warm_up(cfg: Config, model, weights, drafter, engine, tokenizer, train_ds: PromptDataset, ps: ParallelState) -> None:
+    """The policy's SFT in the training layout (`ps`), then the drafter's in the rollout layout."""
     if cfg.run.sft_steps > 0:
         seqs, masks = _task_solutions(cfg, tokenizer)
         losses = supervised_warmup(model, seqs, masks, ps, steps=cfg.run.sft_steps, lr=cfg.run.sft_lr, batch_size=cfg.run.sft_batch,
@@ -32,10 +33,11 @@ def warm_up(cfg: Config, model, drafter, engine, tokenizer, train_ds: PromptData
         prompts = [train_ds[i].prompt_ids for i in range(min(cfg.drafter.warmup_prompts, len(train_ds)))]
         params = sampling_params(cfg.rollout, tokenizer, derive_seed(cfg.run.seed, "drafter_warmup"))
         params.n = 1
-        seqs = [p + cs[0].token_ids for p, cs in zip(prompts, engine.generate(prompts, params))]
         last = {}
-        train_drafter_offline(model, seqs, cfg.drafter.warmup_steps, lr=cfg.drafter.lr, drafter=drafter, seed=cfg.run.seed,
-                              max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens, on_step=lambda i, m: last.update(m))
+        with weights.acquired(version=0) as rollout_model:
+            seqs = [p + cs[0].token_ids for p, cs in zip(prompts, engine.generate(prompts, params))]
+            train_drafter_offline(rollout_model, seqs, cfg.drafter.warmup_steps, lr=cfg.drafter.lr, drafter=drafter, seed=cfg.run.seed,
+                                  max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens, on_step=lambda i, m: last.update(m))
         if ps.is_main:
             log.info("drafter warm-up: %d steps on %d policy samples, top-1 agreement %.2f", cfg.drafter.warmup_steps,
                      len(seqs), last.get("top1", float("nan")))
