@@ -29,6 +29,7 @@ Two memory options act only with autograd on (training passes), never on the cac
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -41,9 +42,29 @@ from megatron_tlt.models.kv_cache import CacheBatch
 from megatron_tlt.ops.attention import cache_attention_mask, cached_attention, dense_causal_attention, packed_attention
 from megatron_tlt.ops.linear import linear
 from megatron_tlt.ops.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from megatron_tlt.parallel.sharding import full_shape, partition_dim, shard_of
 from megatron_tlt.parallel.tensor_parallel import (
     TPLayers, copy_to_tp_region, gather_from_sp_region, gather_last_dim, scatter_to_sp_region,
 )
+from megatron_tlt.seeds import derive_seed
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int, out_std: float) -> None:
+    """Initialise every parameter from its own name: weights of the full (unsharded) tensor drawn from a generator
+    seeded by (seed, name), then this rank's shard kept, so a parameter gets the same values at any TP degree and
+    on any pipeline stage. Normal(0, init_std) weights, Megatron's scaled std for the output projections of the
+    residual branches (row-parallel: o_proj, down_proj), zero biases, unit norm weights."""
+    std = model.cfg.init_std
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            g = torch.Generator().manual_seed(derive_seed(seed, name))
+            full = torch.randn(full_shape(p, model.tp_size), generator=g) * (out_std if partition_dim(p) == 1 else std)
+            p.copy_(shard_of(full, p, model.tp_group))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp_group=None):
@@ -164,10 +185,11 @@ class Policy(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         init_weights: bool = True,
+        init_seed: Optional[int] = None,  # default: drawn from torch's global RNG (set_seed makes it the same everywhere)
         sequence_parallel: bool = False,  # with TP > 1: training passes shard the packed row over TP (module docstring)
     ):
         super().__init__()
-        b = TPLayers(cfg, tp_group, init_weights, sequence_parallel=sequence_parallel)
+        b = TPLayers(cfg, tp_group, init_weights=False, sequence_parallel=sequence_parallel)  # weights initialised below, per parameter name
         if cfg.padded_vocab_size % b.tp_size:
             raise ValueError(f"padded vocab size {cfg.padded_vocab_size} is not divisible by tensor_parallel_size={b.tp_size}")
         self.cfg, self.tp_group, self.tp_size = cfg, tp_group, b.tp_size
@@ -175,15 +197,21 @@ class Policy(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         first, last = layer_range or (0, cfg.num_layers)
         self.layer_range = (first, last)
-        self.embed_tokens = b.embedding(cfg.padded_vocab_size, cfg.hidden_size) if pre_process else None
+        # A last pipeline stage of a tied model holds its own copy of the embedding as the LM head, under the
+        # embedding's name (so checkpoints and resharding see one tensor); the embedding group keeps the copies equal.
+        tied_copy = cfg.tie_word_embeddings and post_process and not pre_process
+        self.embed_tokens = b.embedding(cfg.padded_vocab_size, cfg.hidden_size) if pre_process or tied_copy else None
+        if tied_copy:
+            self.embed_tokens.weight.shared_embedding_copy = True  # counted once in the global gradient norm
         self.layers = nn.ModuleDict({str(i): DecoderLayer(b, i - first) for i in range(first, last)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, b.dtype) if post_process else None
         self.lm_head = None
-        if post_process and not (cfg.tie_word_embeddings and pre_process):
+        if post_process and not cfg.tie_word_embeddings:
             self.lm_head = b.linear(cfg.hidden_size, cfg.padded_vocab_size, parallel="column")
-        if cfg.tie_word_embeddings and not pre_process and post_process:
-            raise NotImplementedError("tied embeddings across pipeline stages are not implemented yet")
         self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        if init_weights:
+            seed = int(torch.randint(0, 2**62, ())) if init_seed is None else init_seed
+            init_parameters(self, seed, cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
 
     def set_recompute(self, mode: str, every: int = 1) -> None:
         """Activation recomputation of training passes (`optim.recompute`, `optim.recompute_every`): "none",
