@@ -60,6 +60,7 @@ def load_model(
     dtype: Union[None, str, torch.dtype] = None,
     attention_backend: str = "auto",
     pipeline: tuple[int, int, int, Optional[list[int]]] = (0, 1, 1, None),
+    sequence_parallel: bool = False,
 ) -> Union[Policy, PolicyStage]:
     """The Policy stored in `path` (an HF model directory or a megatron_tlt checkpoint), in eval mode.
 
@@ -69,7 +70,7 @@ def load_model(
     config.schema.ATTENTION_BACKENDS, "auto" by default (a choice for this machine: the one a checkpoint
     was trained with is not reused); pipeline: (pp_rank, pp, vpp, layout) -- with pp > 1 the
     `models.pipeline.PolicyStage` of that pipeline rank (the stored tensors are whole-model and named
-    globally, so any TP x PP can load any checkpoint).
+    globally, so any TP x PP can load any checkpoint); sequence_parallel: as `Policy`'s.
     """
     path = Path(path)
     state = _parallel_state_or_none()
@@ -86,8 +87,9 @@ def load_model(
 
     def build(cfg: ModelConfig):
         if pp == 1:
-            return Policy(cfg, tp_group=tp_group, init_weights=False).to(device)
-        return build_stage(cfg, tp_group, pp_rank, pp, vpp, layout, device=device, init_weights=False)
+            return Policy(cfg, tp_group=tp_group, init_weights=False, sequence_parallel=sequence_parallel).to(device)
+        return build_stage(cfg, tp_group, pp_rank, pp, vpp, layout, device=device, init_weights=False,
+                           sequence_parallel=sequence_parallel)
 
     if is_tlt_checkpoint(path):
         model = build(_with_runtime(read_model_config(path), dtype, attention_backend))

@@ -39,6 +39,11 @@ class PolicyStage(nn.Module):
             if last.lm_head is not None:
                 self.lm_head = last.lm_head
 
+    def set_recompute(self, mode: str, every: int = 1) -> None:
+        """`Policy.set_recompute` on every chunk (full recompute counts layers within each chunk)."""
+        for c in self.chunks:
+            c.set_recompute(mode, every)
+
     @property
     def pre_process(self) -> bool:
         return self.chunks[0].pre_process
@@ -49,11 +54,11 @@ class PolicyStage(nn.Module):
 
 
 def build_stage(cfg: ModelConfig, tp_group, pp_rank: int, pp: int, vpp: int = 1, layout: Optional[Sequence[int]] = None, *,
-                device=None, init_weights: bool = True) -> PolicyStage:
+                device=None, init_weights: bool = True, sequence_parallel: bool = False) -> PolicyStage:
     """Pipeline rank `pp_rank`'s chunks. Every rank draws the same init seed from torch's global RNG (one draw)."""
     ranges = stage_layer_ranges(cfg.num_layers, pp, vpp, layout)
     seed = int(torch.randint(0, 2**62, ())) if init_weights else None
     ids = rank_stage_ids(pp_rank, pp, vpp)
     chunks = [Policy(cfg, tp_group, layer_range=ranges[s], pre_process=s == 0, post_process=s == len(ranges) - 1,
-                     init_weights=init_weights, init_seed=seed).to(device) for s in ids]
+                     init_weights=init_weights, init_seed=seed, sequence_parallel=sequence_parallel).to(device) for s in ids]
     return PolicyStage(chunks, ids, len(ranges))

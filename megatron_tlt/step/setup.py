@@ -37,17 +37,21 @@ def build_tokenizer(cfg: Config, run_dir: Path, ps: ParallelState):
 
 def build_policy(cfg: Config, ps: ParallelState):
     """A freshly initialised policy from `cfg.model`, or the one at `run.model_path` (then `cfg.model` is set from it):
-    a `Policy`, or with PP > 1 this rank's `PolicyStage`."""
-    p = cfg.parallel
+    a `Policy`, or with PP > 1 this rank's `PolicyStage`; with parallel.sequence_parallel and optim.recompute."""
+    p, sp = cfg.parallel, cfg.parallel.sequence_parallel
     if cfg.run.model_path is None:
         if ps.pp_size == 1:
-            return Policy(cfg.model, ps.tp_group).to(ps.device)
-        return build_stage(cfg.model, ps.tp_group, ps.pp_rank, ps.pp_size, p.virtual_pipeline_size, p.pipeline_layout, device=ps.device)
-    from megatron_tlt.checkpoint.loading import load_model
+            model = Policy(cfg.model, ps.tp_group, sequence_parallel=sp).to(ps.device)
+        else:
+            model = build_stage(cfg.model, ps.tp_group, ps.pp_rank, ps.pp_size, p.virtual_pipeline_size, p.pipeline_layout,
+                                device=ps.device, sequence_parallel=sp)
+    else:
+        from megatron_tlt.checkpoint.loading import load_model
 
-    model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device, attention_backend=cfg.model.attention_backend,
-                       pipeline=(ps.pp_rank, ps.pp_size, p.virtual_pipeline_size, p.pipeline_layout))
-    cfg.model = model.cfg
+        model = load_model(cfg.run.model_path, tp_group=ps.tp_group, device=ps.device, attention_backend=cfg.model.attention_backend,
+                           pipeline=(ps.pp_rank, ps.pp_size, p.virtual_pipeline_size, p.pipeline_layout), sequence_parallel=sp)
+        cfg.model = model.cfg
+    model.set_recompute(cfg.optim.recompute, cfg.optim.recompute_every)  # training passes only (the SFT warm-up too)
     return model
 
 
