@@ -120,3 +120,135 @@ def _sft_worker(rank, world, vpp):
 
 def test_sft_warmup_pp2_equals_pp1():
     run_distributed(_sft_worker, world_size=2, args=(2,))
+
+
+# ---- checkpoints at any TP x PP, rollouts in the rollout layout, an RL run at PP = 2 ----
+def _logits_pp(stage, ps, tokens: list[int]) -> torch.Tensor:
+    """Logits [T, V] of one sequence through the pipeline (valid on the last stage)."""
+    from megatron_tlt.data.packing import pack_sequences
+    from megatron_tlt.trainer.schedule import run_micro_batches
+
+    out = {}
+
+    def head(k, hidden):
+        out[k] = stage.chunks[-1].compute_logits(hidden[None])[0]
+        return out[k].sum()
+
+    with torch.no_grad():
+        run_micro_batches(stage, [pack_sequences([tokens])], head, ps, backward=False)
+    return out.get(0)
+
+
+TOKENS = [5, 17, 3, 88, 41, 9, 60, 2, 33]
+
+
+def _save_worker(rank, world, path):
+    from megatron_tlt.checkpoint.dcp import save_checkpoint
+
+    ps = init_parallel(ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2))
+    cfg = ModelConfig(**CFG, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    stage = build_stage(cfg, ps.tp_group, ps.pp_rank, 2)
+    _update(stage, ps, steps=1)  # trained weights (the tied copies moved together)
+    save_checkpoint(path, stage, cfg)
+    logits = _logits_pp(stage, ps, TOKENS)
+    if ps.is_last_stage and ps.tp_rank == 0:
+        torch.save(logits, f"{path}.logits.pt")
+
+
+def _load_pp2_worker(rank, world, path):
+    from megatron_tlt.checkpoint.loading import load_model
+
+    ps = init_parallel(ParallelConfig(pipeline_parallel_size=2))
+    stage = load_model(path, pipeline=(ps.pp_rank, 2, 1, None))
+    logits = _logits_pp(stage, ps, TOKENS)
+    if ps.is_last_stage:
+        torch.testing.assert_close(logits, torch.load(f"{path}.logits.pt"), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_at_tp2_pp2_loads_at_tp1_pp1_and_tp1_pp2(tmp_path):
+    from megatron_tlt.checkpoint.loading import load_model
+
+    path = str(tmp_path / "ckpt")
+    run_distributed(_save_worker, world_size=4, args=(path,), timeout_s=240)
+    want = torch.load(f"{path}.logits.pt")
+    init_parallel()
+    model = load_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([TOKENS]))[0], want, rtol=1e-5, atol=1e-5)
+    run_distributed(_load_pp2_worker, world_size=2, args=(path,))
+
+
+def _rollout_worker(rank, world, rollout_tp):
+    from megatron_tlt.coordinator.reshard import RolloutWeights
+    from megatron_tlt.rollout import RolloutEngine, SamplingParams
+
+    ps = init_parallel(ParallelConfig(pipeline_parallel_size=2), rollout_tp=rollout_tp)
+    cfg = ModelConfig(**CFG)
+    torch.manual_seed(2)
+    stage = build_stage(cfg, ps.tp_group, ps.pp_rank, 2)
+    _update(stage, ps, steps=1)
+    copy = Policy(cfg, ps.rollout.tp_group, init_weights=False)
+    weights = RolloutWeights(stage, copy, ps, keep=False)
+    one = _single_state(ps)
+    torch.manual_seed(2)
+    full = Policy(cfg, one.tp_group)
+    _update(full, one, steps=1)
+    prompts = [[3, 4, 5], [9, 8], [11, 12, 13, 14]]
+    for params in (SamplingParams(temperature=0.0, max_new_tokens=12), SamplingParams(temperature=1.0, max_new_tokens=12, n=2, seed=7)):
+        with weights.acquired(version=1) as rollout_model:
+            assert weights.last["reshard_bytes"] > 0
+            got = RolloutEngine(rollout_model, cache_budget_bytes=2**22, max_seq_len=32).generate(prompts, params)
+        assert all(p.untyped_storage().size() == 0 for p in copy.parameters())  # freed after the rollout
+        want = RolloutEngine(full, cache_budget_bytes=2**22, max_seq_len=32).generate(prompts, params)
+        assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in want]
+
+
+@pytest.mark.parametrize("rollout_tp", [1, 2], ids=["rollout_tp1", "rollout_tp2"])
+def test_rollouts_at_pp2_equal_pp1(rollout_tp):
+    run_distributed(_rollout_worker, world_size=2, args=(rollout_tp,))
+
+
+def _train_worker(rank, world, run_dir):
+    import json
+    import shutil
+
+    from megatron_tlt.checkpoint.dcp import load_full_state_dict_from_checkpoint
+    from megatron_tlt.config import load_config
+    from megatron_tlt.train import train
+
+    def cfg(name, *extra):
+        return load_config(None, [
+            f"run.dir={run_dir}/{name}", "run.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=8",
+            "data.num_examples=32", "data.eval_examples=4", "reward.num_workers=0", "run.tensorboard=false",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "optim.lr=1e-3",
+            "reward.fns=[{name: reward_fns_for_tests.length_reward}]",  # rewards that differ within a group
+            "parallel.pipeline_parallel_size=2", "run.steps=2", *extra,
+        ])
+
+    # TLT at PP = 2: rollouts in the rollout layout (rollout DP = 2), the drafter trained on the rank done first
+    tlt = train(cfg("tlt", "rollout.spec=chain"))
+    if rank == 0:
+        rows = [json.loads(line) for line in (tlt / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1]
+        assert rows[1]["drafter_steps"] > 0  # from the buffer step 0's update filled
+        assert all(r["reshard_bytes"] > 0 and r["grad_norm"] > 0 for r in rows)
+    # resume at PP = 2 is bit-exact (without SD: TLT's drafter steps depend on timing, so its samples do too)
+    straight = train(cfg("straight"))
+    train(cfg("resumed", "run.save_every=1"))
+    if rank == 0:
+        shutil.rmtree(f"{run_dir}/resumed/checkpoints/step_2")
+    dist.barrier()
+    train(cfg("resumed", "run.save_every=1", "run.resume=true"))
+    if rank == 0:
+        for state in ("model", "optimizer"):
+            a = load_full_state_dict_from_checkpoint(straight / "checkpoints" / "step_2", state)
+            b = load_full_state_dict_from_checkpoint(f"{run_dir}/resumed/checkpoints/step_2", state)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{state}: 2 steps != 1 + resume + 1"
+        first = load_full_state_dict_from_checkpoint(f"{run_dir}/resumed/checkpoints/step_1", "model")
+        last = load_full_state_dict_from_checkpoint(straight / "checkpoints" / "step_2", "model")
+        assert any(not torch.equal(first[k], last[k]) for k in last)  # the second update moved the weights
+
+
+def test_tlt_run_at_pp2_trains_the_drafter_and_resumes_bit_exact(tmp_path):
+    run_distributed(_train_worker, world_size=2, args=(str(tmp_path),), timeout_s=240)
