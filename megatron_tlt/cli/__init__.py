@@ -8,6 +8,7 @@
     megatron-tlt generate --model PATH --prompts FILE.jsonl --out FILE.jsonl [--n N] [--temperature T] ...
     megatron-tlt train-drafter --model PATH --data FILE.jsonl --out DRAFTER_DIR [--steps N] [--lr LR] ...
     megatron-tlt export-drafter --drafter DRAFTER_DIR --out HF_DIR
+    megatron-tlt plan CONFIG.yaml [key=value ...] [--device-gb 80] [--world-size N]   per-rank memory, fits or not
 
 Each subcommand imports its module only when it runs, so `--help` stays fast.
 """
@@ -98,6 +99,12 @@ def _export_drafter(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from megatron_tlt.cli.plan import run_plan
+
+    return _in_parallel_state(lambda: run_plan(*_config_args(args), args.device_gb, args.world_size))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-tlt", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--drafter", required=True, help="drafter directory (from train-drafter)")
     x.add_argument("--out", required=True, help="HF directory to write (config.json + model.safetensors)")
     x.set_defaults(fn=_export_drafter)
+
+    m = sub.add_parser("plan", help="per-rank memory of a run (weights, gradients, optimizer, activations, rollout) and whether it fits")
+    m.add_argument("config", nargs="?", default=None, help="YAML preset (examples/configs/)")
+    m.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. parallel.pipeline_parallel_size=2")
+    m.add_argument("--device-gb", type=float, default=80.0, help="memory of one device (GiB)")
+    m.add_argument("--world-size", type=int, default=None, help="devices in all (default: TP x PP, one DP replica)")
+    m.set_defaults(fn=_plan)
     return p
 
 
