@@ -195,13 +195,15 @@ def get_parallel_state() -> ParallelState:
     return _STATE
 
 
-def destroy_parallel() -> None:
+def destroy_parallel(keep_world: bool = False) -> None:
+    """Tear down the layout's groups, and the default process group unless `keep_world` (then `init_parallel`
+    can set up another layout over the same processes, e.g. in tests)."""
     global _STATE
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_world:
         dist.destroy_process_group()
     _STATE = None
 

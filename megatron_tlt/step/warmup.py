@@ -24,7 +24,8 @@ def warm_up(cfg: Config, model, weights, drafter, engine, tokenizer, train_ds: P
     if cfg.run.sft_steps > 0:
         seqs, masks = _task_solutions(cfg, tokenizer)
         losses = supervised_warmup(model, seqs, masks, ps, steps=cfg.run.sft_steps, lr=cfg.run.sft_lr, batch_size=cfg.run.sft_batch,
-                                   micro_batch_tokens=cfg.optim.micro_batch_tokens, grad_clip=cfg.optim.grad_clip, seed=cfg.run.seed)
+                                   micro_batch_tokens=cfg.optim.micro_batch_tokens, grad_clip=cfg.optim.grad_clip, seed=cfg.run.seed,
+                                   distributed=cfg.optim.distributed)
         if ps.is_main:
             log.info("supervised warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
     if drafter is not None and cfg.drafter.warmup_steps > 0:

@@ -24,11 +24,11 @@ from megatron_tlt.trainer.schedule import run_micro_batches
 
 def supervised_warmup(
     model, sequences: list[list[int]], train_masks: list[list[bool]], ps: ParallelState, *, steps: int, lr: float,
-    batch_size: int, micro_batch_tokens: int, grad_clip: float, seed: int,
+    batch_size: int, micro_batch_tokens: int, grad_clip: float, seed: int, distributed: bool = False,
 ) -> list[float]:
     """AdamW steps on the tokens where `train_masks` is True (e.g. the response). Returns each step's loss
-    (mean per trained token, over the whole DP batch)."""
-    opt = build_optimizer(model.parameters(), OptimConfig(lr=lr, weight_decay=0.0), ps)
+    (mean per trained token, over the whole DP batch). `distributed`: the AdamW state sharded over DP (optim.distributed)."""
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=lr, weight_decay=0.0, distributed=distributed), ps)
     g = torch.Generator().manual_seed(seed)
     chunk = model.chunks[-1] if hasattr(model, "chunks") else model  # the one holding the LM head
     losses = []
