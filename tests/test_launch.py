@@ -1,4 +1,6 @@
-"""Every launch script parses (`bash -n`, always) and passes `shellcheck` (when it is installed)."""
+"""Every launch script parses (`bash -n`, always) and passes `shellcheck` (when it is installed); the multi-node
+ones build the torchrun command line they document (run against stand-ins for torchrun / srun / scontrol)."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,3 +34,40 @@ def test_torchrun_runs_the_installed_console_script(script):
     text = script.read_text()
     assert "-m megatron_tlt.cli" not in text and "--no-python megatron-tlt train" in text
     assert shutil.which("megatron-tlt"), "the megatron-tlt console script is not installed (pip install -e .)"
+
+
+def _fake_bin(tmp_path, *names):
+    """Stand-ins for `names` on PATH that print their arguments, one a line (`scontrol` prints two hosts)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in names:
+        body = 'printf "%s\\n" nodeA nodeB' if name == "scontrol" else f'echo {name}; printf "%s\\n" "$@"'
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _launch(script, bin_dir, env, *args):
+    r = subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True, timeout=30,
+                       env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+ARGS = ["c.yaml", "parallel.tensor_parallel_size=8", "parallel.pipeline_parallel_size=2"]  # 2 nodes x 8 GPUs
+
+
+def test_multi_node_script_sets_up_the_c10d_rendezvous(tmp_path):
+    bin_dir = _fake_bin(tmp_path, "torchrun")
+    env = {"MASTER_ADDR": "node0", "NNODES": "2", "NPROC_PER_NODE": "8", "MASTER_PORT": "1234", "RDZV_ID": "job7"}
+    assert _launch("torchrun_multi_node.sh", bin_dir, env, *ARGS) == [
+        "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:1234",
+        "--rdzv-id", "job7", "--no-python", "megatron-tlt", "train", *ARGS]
+
+
+def test_slurm_script_rendezvous_on_the_first_host(tmp_path):
+    bin_dir = _fake_bin(tmp_path, "srun", "scontrol")
+    env = {"SLURM_JOB_NODELIST": "node[A-B]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "42"}
+    assert _launch("slurm.sbatch", bin_dir, env, *ARGS) == [
+        "srun", "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc-per-node", "gpu", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "nodeA:29500", "--rdzv-id", "42", "--no-python", "megatron-tlt", "train", *ARGS]
