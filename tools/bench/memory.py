@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--kv-cache-mb", type=float, default=64.0, help="rollout.kv_cache_gb, in MB")
-    p.add_argument("--timed-steps", type=int, default=1)
+    p.add_argument("--timed-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all (split over the DP ranks)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
