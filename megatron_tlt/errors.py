@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint or model directory is missing, incomplete, corrupt, or does not match the config."""
+
+
+class LayoutError(UserError, ValueError):
+    """The parallel layout does not fit the world size (or the model): the message names the sizes."""

@@ -197,8 +197,23 @@ def _rollout_case(rollout_tp):
         assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in want]
 
 
+def _empty_replica_case():
+    """DP = 2 where one replica has no micro-batch (the batch fits one): both still reduce the same gradients."""
+    ps = init_parallel(ParallelConfig())
+    torch.manual_seed(0)
+    model = Policy(ModelConfig(**CFG, tie_word_embeddings=True), ps.tp_group)
+    trainer = PolicyTrainer(model, OptimConfig(lr=1e-2), AlgoConfig(), ps, total_steps=2)
+    samples = _samples(4) if ps.dp_rank == 0 else []
+    metrics, _ = trainer.step(samples, [list(range(len(samples)))] if samples else [], max_response_len=12)
+    assert metrics["grad_norm"] > 0
+    for p in model.parameters():  # the replicas took the same step
+        other = p.detach().clone()
+        dist.broadcast(other, src=0)
+        assert torch.equal(p, other)
+
+
 def _pp2_worker(rank, world):
-    cases = [(_update_case, 1, 2, 1, False, 0.0), (_update_case, 1, 2, 2, False, 0.0), (_update_case, 1, 2, 1, True, 0.1),
+    cases = [(_empty_replica_case,), (_update_case, 1, 2, 1, False, 0.0), (_update_case, 1, 2, 2, False, 0.0), (_update_case, 1, 2, 1, True, 0.1),
              (_sft_case, 2), (_rollout_case, 1), (_rollout_case, 2)]
     for case, *args in cases:  # one pair of processes, a layout per case
         case(*args)

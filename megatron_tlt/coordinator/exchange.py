@@ -193,7 +193,7 @@ def _exchange_across_layouts(samples: list[Sample], micro_batch_tokens: int, ps:
     local = [k for x in prompt_lens for k in range(len(x))]
     lengths = [p + r for ps_, rs in zip(prompt_lens, response_lens) for p, r in zip(ps_, rs)]
     flat_response = [r for rs in response_lens for r in rs]
-    bins = plan_micro_batches(lengths, micro_batch_tokens) if lengths else []
+    bins = plan_micro_batches(lengths, micro_batch_tokens, num_bins_multiple_of=ps.dp_size) if lengths else []  # a bin per replica
     replica_bins = [[bins[b] for b in group] for group in balance_across_ranks([sum(lengths[i] for i in b) for b in bins], ps.dp_size)]
     replica_ids = [sorted(i for b in rb for i in b) for rb in replica_bins]
     replica_of = {i: d for d, ids in enumerate(replica_ids) for i in ids}

@@ -59,11 +59,14 @@ def clip_grads_(params: Iterable[torch.nn.Parameter], max_norm: float, grad_norm
 
 
 def all_reduce_grads_(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup]) -> None:
-    """Sum gradients over `group` in one flat buffer per dtype (no-op for None or a group of one)."""
+    """Sum gradients over `group` in one flat buffer per dtype (no-op for None or a group of one). A trainable
+    parameter without a gradient here takes part as zeros."""
     if group is None or dist.get_world_size(group) == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
+        if p.grad is None and p.requires_grad:  # unused on this rank (e.g. a replica with no micro-batch): zeros,
+            p.grad = torch.zeros_like(p)        # so every rank reduces the same buffer
         if p.grad is not None:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tlt.config.schema import ParallelConfig
+from megatron_tlt.errors import LayoutError
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,10 @@ def init_parallel(cfg: ParallelConfig = ParallelConfig(), rollout_tp: Optional[i
     world_size, rank = dist.get_world_size(), dist.get_rank()
 
     if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by tensor_parallel_size * pipeline_parallel_size = "
+        raise LayoutError(f"world size {world_size} is not divisible by tensor_parallel_size * pipeline_parallel_size = "
                          f"{tp} * {pp} = {tp * pp}")
     if world_size % rollout_tp:
-        raise ValueError(f"world size {world_size} is not divisible by rollout.tensor_parallel_size={rollout_tp}")
+        raise LayoutError(f"world size {world_size} is not divisible by rollout.tensor_parallel_size={rollout_tp}")
     local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
     if max(tp, rollout_tp) > local_world:
         log.warning("a TP group (%d ranks) spans more than one node (%d ranks per node): TP all-reduces cross the network",
