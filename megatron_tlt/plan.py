@@ -15,7 +15,8 @@ What a rank holds, per pipeline rank (each is a distinct kind of rank: TP and DP
   `ZeroRedundancyOptimizer` gives this DP rank (whole tensors, largest first to the rank with the fewest
   elements; the plan counts the fullest rank). No fp32 master copy exists (`trainer.optimizer`).
 - rollback: with `optim.rollback`, the copy of every local parameter and of this rank's optimizer state
-  taken around `optimizer.step()`.
+  taken around `optimizer.step()`. The step itself (torch AdamW's foreach path, its default on CUDA) holds
+  sqrt(exp_avg_sq) of every tensor it updates at once: one moment's bytes more, while no activations are alive.
 - activations: what autograd keeps for backward over one packed micro-batch of `optim.micro_batch_tokens`
   tokens, counted from the code of `models.transformer` (per token and decoder layer; e = activation bytes,
   the params dtype; h, q, kv, i, n: hidden, local q / kv widths, local intermediate size and heads):
@@ -82,6 +83,7 @@ class RankPlan:
     grads: int
     optimizer: int
     rollback: int
+    optimizer_step: int  # AdamW's foreach step (CUDA's default): sqrt(exp_avg_sq) of every owned tensor at once
     activations: int
     in_flight: int  # chunk micro-batches whose activations are alive at once
     rollout_weights: int  # the rollout layout's own copy (0 when it is the training layout)
@@ -92,8 +94,8 @@ class RankPlan:
 
     @property
     def training_bytes(self) -> int:
-        """Peak of the policy update: the state, then activations in backward or the rollback copy at the step."""
-        return self.resident + max(self.activations, self.rollback)
+        """Peak of the policy update: the state, then activations in backward or the rollback copy + the step's own."""
+        return self.resident + max(self.activations, self.rollback + self.optimizer_step)
 
     @property
     def rollout_bytes(self) -> int:
@@ -255,11 +257,12 @@ def memory_plan(cfg: Config, world_size: int, group) -> MemoryPlan:
             elems += [q.element_size() for q in chunk.parameters()]
         owned = zero_owned(sizes, elems, dp) if o.distributed else range(len(sizes))
         optimizer = _adamw_bytes([sizes[i] for i in owned])
+        step = sum(sizes[i] for i in owned)  # one moment: the moments are like the parameters
         weights = sum(sizes)
         activations, in_flight, extra = _activations(cfg, layers, pp_rank, tp, e)
         ranks.append(RankPlan(
             pp_rank=pp_rank, layers=layers, weights=weights, grads=weights, optimizer=optimizer,
-            rollback=weights + optimizer if o.rollback else 0, activations=activations, in_flight=in_flight,
+            rollback=weights + optimizer if o.rollback else 0, optimizer_step=step, activations=activations, in_flight=in_flight,
             rollout_weights=rollout_weights, kv_cache=kv_cache, rollout_buffers=buffers, drafter=drafter,
             extra=dict(extra, **{"KV slots": padded, "prefill": prefill}),
         ))
@@ -279,7 +282,7 @@ def format_plan(plan: MemoryPlan, device_gb: float) -> str:
         layers = ", ".join(f"{a}-{b - 1}" for a, b in rk.layers)
         lines.append(f"pipeline rank {rk.pp_rank} (layers {layers}; {rk.in_flight} chunk micro-batches in flight):")
         rows = [("weights", rk.weights), ("gradients", rk.grads), ("optimizer state", rk.optimizer),
-                ("rollback copy", rk.rollback), ("activations", rk.activations),
+                ("rollback copy", rk.rollback), ("optimizer step transient", rk.optimizer_step), ("activations", rk.activations),
                 ("  kept for backward", rk.extra["activations kept"]), ("  backward transient", rk.extra["backward transient"]),
                 ("rollout weights", rk.rollout_weights), (f"KV cache ({rk.extra['KV slots']} slots)", rk.kv_cache),
                 ("rollout buffers + prefill", rk.rollout_buffers), ("drafter", rk.drafter)]
