@@ -266,6 +266,12 @@ def _train_worker(rank, world, run_dir):
         first = load_full_state_dict_from_checkpoint(f"{run_dir}/resumed/checkpoints/step_1", "model")
         last = load_full_state_dict_from_checkpoint(straight / "checkpoints" / "step_2", "model")
         assert any(not torch.equal(first[k], last[k]) for k in last)  # the second update moved the weights
+    # the PP = 2 run checkpoint (model, optimizer, drafter-less state) continues at PP = 1 x DP = 2
+    destroy_parallel(keep_world=True)
+    train(cfg("resumed", "run.save_every=1", "run.resume=true", "run.steps=3", "parallel.pipeline_parallel_size=1"))
+    if rank == 0:
+        rows = [json.loads(line) for line in (tlt.parent / "resumed" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["grad_norm"] > 0
 
 
 def test_tlt_run_at_pp2_trains_the_drafter_and_resumes_bit_exact(tmp_path):
