@@ -33,7 +33,7 @@ What a rank holds, per pipeline rank (each is a distinct kind of rank: TP and DP
   on the others. A pipeline rank holds `in_flight` micro-batches of its chunks at once: pp - rank with
   1F1B, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1 chunk micro-batches with interleaving. Backward adds
   the largest transient: at the head, the fp32 weight-gradient accumulator [V/tp, H], four fp32 logit
-  chunks [1024, V/tp] (a chunk's logits and probabilities, and the previous chunk's, still referenced) and
+  chunks [1024, V/tp] (two of a chunk and two of the previous one, still referenced; three when one chunk) and
   the hidden gradient; in a layer, the gradients of its input and output (its own gradients replace the
   saved tensors its backward frees), on top of the rebuilt layer with full recompute.
 - KV cache: as many slots of `data.max_prompt_tokens + rollout.max_new_tokens` positions as fit in
@@ -198,7 +198,7 @@ def _activations(cfg: Config, layers: list[tuple[int, int]], pp_rank: int, tp: i
     # Chunk micro-batches in flight, shared evenly over the chunks (interleaving runs them round-robin).
     kept_bytes = T * in_flight * sum(per_chunk) // len(per_chunk)
     v_local = m.padded_vocab_size // tp
-    logit_chunks = 4 if T > LOGPROB_CHUNK else 2  # the chunk's logits and probabilities, and the previous chunk's
+    logit_chunks = 4 if T > LOGPROB_CHUNK else 3  # two of this chunk and two of the previous one; one chunk: z, exp z, exp z * z
     head = 4 * v_local * H + logit_chunks * 4 * min(T, LOGPROB_CHUNK) * v_local + e * T * H if last else 0
     layer_bwd = T * e * 2 * H + (T * per_layer if o.recompute == "full" else 0)  # + the rebuilt layer
     transient = max(head, layer_bwd)

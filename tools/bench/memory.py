@@ -2,8 +2,9 @@
 
 Each configuration runs in fresh processes (one, or two gloo DP ranks): the rollout engine is built first (its
 KV cache is held from then on, as in a run), then `PolicyTrainer` steps over two packed micro-batches of
---tokens tokens each (several examples of --example-len tokens), then one rollout. Step 1 creates the AdamW
-state; step 2, with gradients of the first micro-batch alive during the second, is the steady state measured.
+--tokens tokens each (--dp-tokens in the DP = 2 runs; examples of --example-len tokens), then one rollout.
+Step 1 creates the AdamW state; step 2, with gradients of the first micro-batch alive during the second, is
+the steady state measured.
 
 How memory is measured: torch's CPU allocator reports every allocation and free to the profiler when
 `torch.profiler.profile(profile_memory=True)` runs (its `[memory]` events); the profile starts before the
@@ -50,7 +51,7 @@ MB = 2**20
 PHASES = ("train step", "rollout")
 
 
-def bench_config(args, recompute: str, distributed: bool) -> Config:
+def bench_config(args, recompute: str, distributed: bool, tokens: int) -> Config:
     model = ModelConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
         num_layers=args.layers, num_attention_heads=args.heads, num_kv_heads=args.heads,
@@ -61,7 +62,7 @@ def bench_config(args, recompute: str, distributed: bool) -> Config:
         data=DataConfig(max_prompt_tokens=args.prompt_len),
         rollout=RolloutConfig(n=args.n, max_new_tokens=args.new_tokens, kv_cache_gb=args.kv_cache_mb / 1024, cuda_graphs="off"),
         drafter=DrafterConfig(online=False),
-        optim=OptimConfig(lr=1e-4, micro_batch_tokens=args.tokens, rollback=False, distributed=distributed,
+        optim=OptimConfig(lr=1e-4, micro_batch_tokens=tokens, rollback=False, distributed=distributed,
                           recompute=recompute),
         run=RunConfig(prompts_per_step=args.prompts, seed=args.seed),
     )
@@ -84,10 +85,10 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
-def _worker(rank: int, world: int, port: int, args, recompute: str, distributed: bool, rollout: bool, out: str) -> None:
+def _worker(rank: int, world: int, port: int, args, recompute: str, distributed: bool, tokens: int, rollout: bool, out: str) -> None:
     set_local_rank_env(rank, world, port)
     torch.set_num_threads(max(1, args.threads // world))
-    cfg = bench_config(args, recompute, distributed)
+    cfg = bench_config(args, recompute, distributed, tokens)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         ps = init_parallel()
         set_seed(args.seed)
@@ -97,7 +98,7 @@ def _worker(rank: int, world: int, port: int, args, recompute: str, distributed:
                                cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30), cuda_graphs="off")
         trainer = PolicyTrainer(model, cfg.optim, AlgoConfig(), ps, total_steps=10)
         gen = torch.Generator().manual_seed(args.seed + rank)
-        per_mb = args.tokens // args.example_len
+        per_mb = tokens // args.example_len
         samples = [Sample(torch.randint(0, args.vocab, (16,), generator=gen).tolist(),
                           torch.randint(0, args.vocab, (args.example_len - 16,), generator=gen).tolist(),
                           [-1.0] * (args.example_len - 16), advantage=float(k % 2) - 0.5) for k in range(2 * per_mb)]
@@ -129,11 +130,11 @@ def _worker(rank: int, world: int, port: int, args, recompute: str, distributed:
     destroy_parallel()
 
 
-def run(args, name: str, world: int, recompute: str = "none", distributed: bool = False, rollout: bool = False) -> dict:
+def run(args, name: str, world: int, tokens: int, recompute: str = "none", distributed: bool = False, rollout: bool = False) -> dict:
     """One configuration in fresh processes; prints its line and returns rank 0's numbers."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result")
-        mp.start_processes(_worker, args=(world, free_port(), args, recompute, distributed, rollout, out), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), args, recompute, distributed, tokens, rollout, out), nprocs=world,
                            join=True, start_method="spawn")
         r = json.loads(Path(f"{out}.0").read_text())
     line = (f"{name:<28} training peak {r['train'] / MB:8.1f} MB (plan {r['plan_train'] / MB:8.1f}, "
@@ -149,6 +150,7 @@ def run(args, name: str, world: int, recompute: str = "none", distributed: bool 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=8192, help="tokens per packed micro-batch (optim.micro_batch_tokens)")
+    p.add_argument("--dp-tokens", type=int, default=2048, help="tokens per micro-batch of the DP = 2 runs (they compare optimizer state)")
     p.add_argument("--example-len", type=int, default=1024, help="tokens per packed example")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=8)
@@ -164,12 +166,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     print(f"model hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}; micro-batches of {args.tokens} tokens "
-          f"({args.tokens // args.example_len} examples of {args.example_len}), 2 per step; fp32 on CPU, {args.threads} threads")
+          f"({args.dp_tokens} at DP=2) of {args.example_len}-token examples, 2 per step; fp32 on CPU, {args.threads} threads")
 
-    runs = {mode: run(args, f"DP=1 recompute={mode}", 1, recompute=mode, rollout=mode == "none")
+    runs = {mode: run(args, f"DP=1 recompute={mode}", 1, args.tokens, recompute=mode, rollout=mode == "none")
             for mode in ("none", "selective", "full")}
-    plain = run(args, "DP=2 plain AdamW", 2)
-    zero = run(args, "DP=2 distributed optimizer", 2, distributed=True)
+    plain = run(args, "DP=2 plain AdamW", 2, args.dp_tokens)
+    zero = run(args, "DP=2 distributed optimizer", 2, args.dp_tokens, distributed=True)
     none, full = runs["none"], runs["full"]
     print(f"optimizer state per rank, plain / distributed at DP=2: {plain['optimizer'] / zero['optimizer']:.2f}x (target 2x); "
           f"training peak {plain['train'] / zero['train']:.2f}x")
