@@ -145,3 +145,18 @@ def test_demo_settings_are_a_valid_config():
 
     cfg = load_config(None, DEMO_SETTINGS)
     assert cfg.run.dir == "runs/demo" and cfg.run.sft_steps > 0 and cfg.data.task_args == {"max_terms": 3, "max_value": 9}
+
+
+def test_head_dim_is_derived_from_the_merged_sizes_unless_set():
+    # the default model's head_dim (64 / 4) must not stick to a config that changes the sizes
+    assert load_config(None, ["model.hidden_size=128"]).model.head_dim == 32
+    assert load_config(None, ["model.hidden_size=128", "model.num_attention_heads=8", "model.num_kv_heads=8"]).model.head_dim == 16
+    assert load_config(None, ["model.hidden_size=128", "model.head_dim=64"]).model.head_dim == 64
+
+
+def test_layout_checks_wait_for_the_checkpoint_when_run_model_path_is_set():
+    # the sizes come from run.model_path's config: checked when the model is built, not against the default model
+    cfg = load_config(None, ["run.model_path=/models/qwen", "parallel.tensor_parallel_size=4"])
+    assert cfg.parallel.tensor_parallel_size == 4
+    with pytest.raises(ConfigError, match="num_kv_heads=2"):
+        load_config(None, ["parallel.tensor_parallel_size=4"])

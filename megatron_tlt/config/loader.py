@@ -91,6 +91,9 @@ def _load_yaml(p: Path):
 def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = (), schema: Type[T] = Config) -> T:
     """Merge schema defaults <- YAML file <- `key=value` overrides; return the typed dataclass."""
     base = OmegaConf.structured(schema)
+    for key in ("head_dim", "model.head_dim"):  # derived at load from the merged sizes unless set (the default's is derived)
+        if OmegaConf.select(base, key, default="absent") != "absent":
+            OmegaConf.update(base, key, None)
     layers = []
     if path is not None:
         p = Path(path)

@@ -377,7 +377,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        # The layout's fit to the model, at load (the world size is checked when the process groups start).
+        # The layout's fit to the model, at load (the world size is checked when the process groups start). With
+        # run.model_path the model's sizes come from the checkpoint: the stages and TP layers check them when built.
+        if self.run.model_path is not None:
+            return
         m, p = self.model, self.parallel
         stages = p.pipeline_parallel_size * p.virtual_pipeline_size
         if p.pipeline_layout is not None and sum(p.pipeline_layout) != m.num_layers:
