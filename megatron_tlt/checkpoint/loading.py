@@ -99,8 +99,8 @@ def load_model(
         cfg = _with_runtime(model_config_from_hf(hf_config), dtype, attention_backend)
         model = build(cfg)
         state_dict = hf_to_tlt_state_dict(hf_state_dict, cfg)
-        names = dict(model.named_parameters())
         if pp > 1:  # this stage's tensors (a missing one is still an error)
+            names = dict(model.named_parameters())
             state_dict = {n: t for n, t in state_dict.items() if n in names}
         try:
             load_full_state_dict(model, state_dict, tp_group)

@@ -138,6 +138,14 @@ def _gather(samples: list[Sample], group, size: int, device) -> tuple[list[list[
     return [p[:, 0].tolist() for p in parts], [p[:, 1].tolist() for p in parts], total, reward_sum
 
 
+def _all_to_all_bytes(payload: list[bytes], recv_sizes: list[int], device, group=None) -> bytes:
+    """One all_to_all_single over `group` (default: the world): payload[r] to rank r, recv_sizes[r] bytes from rank r."""
+    buf = torch.frombuffer(bytearray(b"".join(payload)), dtype=torch.uint8) if any(payload) else torch.empty(0, dtype=torch.uint8)
+    out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(out, buf.to(device), recv_sizes, [len(p) for p in payload], group=group)
+    return out.cpu().numpy().tobytes()
+
+
 def exchange_for_update(samples: list[Sample], micro_batch_tokens: int, ps: ParallelState) -> UpdateBatch:
     """This rank's share of the step's packed update (see the module docstring). Every rank must call it."""
     if not ps.same_layouts:
@@ -162,11 +170,7 @@ def exchange_for_update(samples: list[Sample], micro_batch_tokens: int, ps: Para
         sizes = {i: _encoded_size(prompt_lens[origin[i]][i - first[origin[i]]], response_lens[origin[i]][i - first[origin[i]]])
                  for i in incoming}
         recv_sizes = [sum(sizes[i] for i in incoming if origin[i] == r) for r in range(ps.dp_size)]
-        payload = [b"".join(parts) for parts in send]
-        buf = torch.frombuffer(bytearray(b"".join(payload)), dtype=torch.uint8) if any(payload) else torch.empty(0, dtype=torch.uint8)
-        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=ps.device)
-        dist.all_to_all_single(out, buf.to(ps.device), recv_sizes, [len(p) for p in payload], group=ps.dp_group)
-        data, at = out.cpu().numpy().tobytes(), 0
+        data, at = _all_to_all_bytes([b"".join(parts) for parts in send], recv_sizes, ps.device, ps.dp_group), 0
         for i in incoming:  # grouped by source rank, each in global order: the order they were sent in
             received[i] = _decode(data[at : at + sizes[i]])
             at += sizes[i]
@@ -177,12 +181,6 @@ def exchange_for_update(samples: list[Sample], micro_batch_tokens: int, ps: Para
                        reward_sum / total if total else 0.0, bytes_received)
 
 
-def _all_to_all_bytes(payload: list[bytes], recv_sizes: list[int], device) -> bytes:
-    """One all_to_all_single over the world: payload[r] to rank r, recv_sizes[r] bytes from rank r."""
-    buf = torch.frombuffer(bytearray(b"".join(payload)), dtype=torch.uint8) if any(payload) else torch.empty(0, dtype=torch.uint8)
-    out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-    dist.all_to_all_single(out, buf.to(device), recv_sizes, [len(p) for p in payload])
-    return out.cpu().numpy().tobytes()
 
 
 def _exchange_across_layouts(samples: list[Sample], micro_batch_tokens: int, ps: ParallelState) -> UpdateBatch:
@@ -200,10 +198,7 @@ def _exchange_across_layouts(samples: list[Sample], micro_batch_tokens: int, ps:
     mine = replica_ids[ps.dp_rank]
     position = {i: k for k, i in enumerate(mine)}
     micro_batches = [sorted(position[i] for i in b) for b in replica_bins[ps.dp_rank]]
-    first = {r: 0 for r in range(world)}
-    at = 0
-    for r, x in enumerate(prompt_lens):
-        first[r], at = at, at + len(x)
+    first = np.cumsum([0] + [len(x) for x in prompt_lens]).tolist()  # rank r's samples are numbered from first[r]
     size = [_encoded_size(p, r) for ps_, rs in zip(prompt_lens, response_lens) for p, r in zip(ps_, rs)]
     send: list[list[bytes]] = [[] for _ in range(world)]
     if speaks:

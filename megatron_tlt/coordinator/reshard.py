@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megatron_tlt.parallel.layout import stage_layer_ranges
-from megatron_tlt.parallel.sharding import full_shape, partition_dim, shard_of
+from megatron_tlt.parallel.sharding import full_shape, gather_full, partition_dim, shard_of
 from megatron_tlt.parallel.state import ParallelState
 
 
@@ -51,11 +51,8 @@ class RolloutWeights:
         params = dict(rollout_model.named_parameters())
         self.by_stage = [[n for n in params if _owner_stage(n, ranges, ps.pp_size) == s] for s in range(ps.pp_size)]
         self.same_tp = ps.rollout.tp_size == ps.tp_size
-        self.version: Optional[int] = None  # the policy version the copy holds (None: none / freed)
+        self.version: Optional[int] = None  # the policy version the copy holds (None: none / freed; unused when layouts agree)
         self.last = {"reshard_time_s": 0.0, "reshard_bytes": 0.0}
-        self._shapes = {n: p.shape for n, p in params.items()}
-        if ps.same_layouts:
-            self.version = -1  # shares the training weights: always current
 
     @contextlib.contextmanager
     def acquired(self, version: int):
@@ -75,7 +72,7 @@ class RolloutWeights:
         ps, received = self.ps, 0
         mine = dict(self.train.named_parameters())
         dest = dict(self.model.named_parameters())
-        for n, p in dest.items():  # re-allocate a freed copy
+        for p in dest.values():  # re-allocate a freed copy
             if p.untyped_storage().size() == 0:
                 p.untyped_storage().resize_(p.numel() * p.element_size())
         for stage, names in enumerate(self.by_stage):
@@ -105,12 +102,7 @@ class RolloutWeights:
 
     def _payload(self, p: torch.Tensor) -> torch.Tensor:
         """What this rank contributes for a training parameter: its shard (same TP) or the whole tensor."""
-        d = partition_dim(p)
-        if self.same_tp or d is None or self.ps.tp_size == 1:
-            return p.detach()
-        parts = [torch.empty_like(p) for _ in range(self.ps.tp_size)]
-        dist.all_gather(parts, p.detach().contiguous(), group=self.ps.tp_group)
-        return torch.cat(parts, dim=d)
+        return p.detach() if self.same_tp else gather_full(p, self.ps.tp_group)
 
     def _free(self) -> None:
         for p in self.model.parameters():

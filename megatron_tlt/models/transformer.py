@@ -29,7 +29,6 @@ Two memory options act only with autograd on (training passes), never on the cac
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -49,12 +48,11 @@ from megatron_tlt.parallel.tensor_parallel import (
 from megatron_tlt.seeds import derive_seed
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, seed: int, out_std: float) -> None:
+def init_parameters(model: nn.Module, seed: int, std: float, out_std: float) -> None:
     """Initialise every parameter from its own name: weights of the full (unsharded) tensor drawn from a generator
     seeded by (seed, name), then this rank's shard kept, so a parameter gets the same values at any TP degree and
-    on any pipeline stage. Normal(0, init_std) weights, Megatron's scaled std for the output projections of the
-    residual branches (row-parallel: o_proj, down_proj), zero biases, unit norm weights."""
-    std = model.cfg.init_std
+    on any pipeline stage. Normal(0, std) weights, `out_std` (Megatron's scaled std, `TPLayers.out_std`) for the
+    output projections of the residual branches (row-parallel: o_proj, down_proj), zero biases, unit norm weights."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
@@ -211,7 +209,7 @@ class Policy(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
         if init_weights:
             seed = int(torch.randint(0, 2**62, ())) if init_seed is None else init_seed
-            init_parameters(self, seed, cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
+            init_parameters(self, seed, b.std, b.out_std)
 
     def set_recompute(self, mode: str, every: int = 1) -> None:
         """Activation recomputation of training passes (`optim.recompute`, `optim.recompute_every`): "none",

@@ -67,16 +67,18 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_gro
 
 
 @torch.no_grad()
+def gather_full(p: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """The full tensor of parameter `p` on every TP rank (an all-gather if it is sharded; `p` itself otherwise)."""
+    _, size = _tp_rank_size(tp_group)
+    d = partition_dim(p)
+    if d is None or size == 1:
+        return p.detach()
+    parts = [torch.empty_like(p) for _ in range(size)]
+    dist.all_gather(parts, p.detach().contiguous(), group=tp_group)
+    return torch.cat(parts, dim=d)
+
+
+@torch.no_grad()
 def gather_full_state_dict(model: nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
     """Full tensors on every TP rank (all-gather of the sharded ones); for tests and small exports."""
-    _, size = _tp_rank_size(tp_group)
-    out = {}
-    for name, p in model.named_parameters():
-        d = partition_dim(p)
-        if d is None or size == 1:
-            out[name] = p.detach().clone()
-            continue
-        parts = [torch.empty_like(p) for _ in range(size)]
-        dist.all_gather(parts, p.detach().contiguous(), group=tp_group)
-        out[name] = torch.cat(parts, dim=d)
-    return out
+    return {name: gather_full(p, tp_group).clone() for name, p in model.named_parameters()}

@@ -191,11 +191,11 @@ class TPLayers:
             perform_initialization=init_weights,
             params_dtype=self.dtype,
         )
-        std = cfg.init_std
-        self.init_method = lambda w: nn.init.normal_(w, mean=0.0, std=std)
-        # Megatron's scaled init for output projections of residual branches.
-        out_std = std / math.sqrt(2.0 * cfg.num_layers)
-        self.out_init_method = lambda w: nn.init.normal_(w, mean=0.0, std=out_std)
+        self.std = cfg.init_std
+        self.init_method = lambda w: nn.init.normal_(w, mean=0.0, std=self.std)
+        # Megatron's scaled init for output projections of residual branches (the row-parallel linears).
+        self.out_std = self.std / math.sqrt(2.0 * cfg.num_layers)
+        self.out_init_method = lambda w: nn.init.normal_(w, mean=0.0, std=self.out_std)
 
     def linear(self, in_features: int, out_features: int, *, parallel: str, bias: bool = False) -> nn.Module:
         """The one place linears are built. parallel: 'column' (output sharded) or 'row' (input sharded)."""

@@ -47,7 +47,7 @@ from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.rl.algorithms import is_finite_update, loss_normalisers, policy_loss, sample_ids_from_cu_seqlens
 from megatron_tlt.rl.sample import Sample
 from megatron_tlt.trainer.optimizer import build_optimizer, restore, snapshot
-from megatron_tlt.trainer.schedule import run_micro_batches
+from megatron_tlt.trainer.schedule import head_chunk, run_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,10 @@ class PolicyTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _last_chunk(self, model):
-        """The chunk holding the LM head (the whole model at PP = 1)."""
-        return model.chunks[-1] if hasattr(model, "chunks") else model
-
     def _reference_logprobs(self, packs) -> dict[int, torch.Tensor]:
         """The reference policy's logprobs per pack (on the last stage), forward only, through the same schedule."""
         ref: dict[int, torch.Tensor] = {}
-        chunk = self._last_chunk(self.ref_model)
+        chunk = head_chunk(self.ref_model)
 
         def head(k, hidden):
             ref[k] = token_logprobs(chunk, hidden, packs[k].targets, self.temperature)[0]
@@ -133,7 +129,7 @@ class PolicyTrainer:
         ref = self._reference_logprobs(packs) if self.algo.kl_coef > 0 else {}
         sums = torch.zeros(6, dtype=torch.float64)  # loss, clip_frac, approx_kl, entropy, kl, rollout gap
         hidden_out: dict[int, torch.Tensor] = {}
-        chunk = self._last_chunk(model)
+        chunk = head_chunk(model)
 
         def head(k: int, hidden: torch.Tensor) -> torch.Tensor:  # the last stage: pack k's final hidden [T, H] -> its loss
             nonlocal sums

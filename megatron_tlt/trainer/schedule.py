@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from megatron_tlt.models.packed import chunk_forward
+from megatron_tlt.models.pipeline import PolicyStage
 from megatron_tlt.parallel.state import ParallelState
 
 Head = Callable[[int, torch.Tensor], torch.Tensor]
@@ -68,6 +69,12 @@ class _Chunk(nn.Module):
         first = self.chunk.pre_process
         return self.chunk.hidden_states(x if first else None, hidden=None if first else x, position_ids=p.position_ids[None].to(dev),
                                         cu_seqlens=p.cu_seqlens.to(dev), max_seqlen=p.max_seqlen)
+
+
+def head_chunk(model: nn.Module) -> nn.Module:
+    """The chunk `head` computes with (it holds the final norm and the LM head): the last of a pipeline stage's
+    chunks, or the whole model at PP = 1."""
+    return model.chunks[-1] if isinstance(model, PolicyStage) else model
 
 
 def run_micro_batches(model: nn.Module, packs: list, head: Head, ps: ParallelState, *, backward: bool) -> None:

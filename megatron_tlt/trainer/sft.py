@@ -19,7 +19,7 @@ from megatron_tlt.parallel.collectives import sum_over
 from megatron_tlt.parallel.grads import clip_grads_, global_grad_norm, reduce_grads_
 from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.trainer.optimizer import build_optimizer
-from megatron_tlt.trainer.schedule import run_micro_batches
+from megatron_tlt.trainer.schedule import head_chunk, run_micro_batches
 
 
 def supervised_warmup(
@@ -30,7 +30,7 @@ def supervised_warmup(
     (mean per trained token, over the whole DP batch). `distributed`: the AdamW state sharded over DP (optim.distributed)."""
     opt = build_optimizer(model.parameters(), OptimConfig(lr=lr, weight_decay=0.0, distributed=distributed), ps)
     g = torch.Generator().manual_seed(seed)
-    chunk = model.chunks[-1] if hasattr(model, "chunks") else model  # the one holding the LM head
+    chunk = head_chunk(model)
     losses = []
     for _ in range(steps):
         idx = torch.randperm(len(sequences), generator=g)[:batch_size].tolist()[ps.dp_rank :: ps.dp_size]
