@@ -20,7 +20,7 @@ from megatron_tlt.models.hf import hf_config_from_model_config, tlt_to_hf_state_
 from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.state import destroy_parallel, init_parallel
-from megatron_tlt.rollout import RolloutEngine, SamplingParams, StepOutput, sample, target_logprobs
+from megatron_tlt.rollout import RolloutEngine, SamplingParams, StepOutput, target_logprobs
 
 CFG = ModelConfig(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
@@ -93,28 +93,6 @@ def test_target_logprobs_match_hand_computation():
     # greedy on ties takes the first argmax; rows are independent
     got = target_logprobs(torch.tensor([[1.0, 3.0, 3.0], [5.0, 0.0, 0.0]]), SamplingParams(temperature=0))
     assert got.tolist() == [[NEG_INF, 0.0, NEG_INF], [0.0, NEG_INF, NEG_INF]]
-
-
-def test_sample_frequencies_match_probs():
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
-    logp = probs.log().expand(20000, 5)  # [B, V] with a -inf column
-    tokens = sample(logp, torch.Generator().manual_seed(0))
-    freqs = torch.bincount(tokens, minlength=5).float() / tokens.numel()
-    torch.testing.assert_close(freqs, probs, rtol=0, atol=0.015)
-    assert freqs[4] == 0
-
-
-def test_sample_is_deterministic_per_row_generator():
-    logp = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)).log_softmax(-1)
-
-    def gens(*seeds):
-        return [torch.Generator().manual_seed(s) for s in seeds]
-
-    batch = sample(logp, gens(5, 6, 7))
-    assert torch.equal(batch, sample(logp, gens(5, 6, 7)))
-    # row 1's draw depends on its own generator only, not on the rest of the batch
-    assert torch.equal(sample(logp[1:2], gens(6)), batch[1:2])
-    assert torch.equal(sample(logp, torch.Generator().manual_seed(3)), sample(logp, torch.Generator().manual_seed(3)))
 
 
 @pytest.mark.parametrize(

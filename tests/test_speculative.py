@@ -1,11 +1,13 @@
-"""Speculative-decoding maths (DESIGN invariant 4: speculative decoding is lossless).
+"""Speculative-decoding maths (DESIGN invariant 4: speculative decoding is exact).
 
 A mock target and a mock drafter are fixed random tables of next-token logits conditioned on the two
-previous tokens (so a wrong tree row or a wrong parent shows up as a wrong distribution). Rounds of
-draft -> verify run vectorised over tens of thousands of rows, and the empirical distribution of the
-first three emitted tokens is compared with the exactly enumerated target distribution. A deliberately
-biased acceptance rule must fail the same bound. Greedy targets must reproduce the argmax chain, and
-the returned logprobs must be the original target's. Pure tensor code on CPU.
+previous tokens (so a wrong tree row or a wrong parent shows up as a wrong token). Rounds of draft ->
+verify run vectorised over thousands of rows, each row a request with its own noise seed, and must emit
+exactly the tokens plain sampling draws with the same position-keyed noise, for chains and trees, with
+top-k or coupled drafts, at several temperatures. Plain sampling itself must follow the exactly
+enumerated target distribution (and noise shared across positions must fail the same bound), acceptance
+of top-k drafts must happen with the target's probability of the draft (as under rejection sampling),
+and the returned logprobs must be the target's. Pure tensor code on CPU.
 """
 from __future__ import annotations
 
@@ -15,19 +17,21 @@ import pytest
 import torch
 
 from megatron_tlt.models.kv_cache import KVCache
-from megatron_tlt.rollout.spec import tree as spec_tree
-from megatron_tlt.rollout.spec.tree import DraftTree, TreeBuilder, VerifyResult, kv_keep_index, verify
+from megatron_tlt.rollout import sampling
+from megatron_tlt.rollout.sampling import sample
+from megatron_tlt.rollout.spec.tree import TreeBuilder, VerifyResult, kv_keep_index, verify
 
 V = 4  # vocabulary: V**3 = 64 three-token sequences
 CONTEXT = (1, 2)  # the two committed tokens every row starts from
 NUM_TOKENS = 3
-MODES = {  # name: (topk, frontier_size, depth, num_nodes, sampled drafts)
-    "chain_sampled": (1, 1, 3, 3, True),
+MODES = {  # name: (topk, frontier_size, depth, num_nodes, coupled drafts)
     "chain_top1": (1, 1, 3, 3, False),
+    "chain_coupled": (1, 1, 3, 3, True),
     "tree_k2": (2, 2, 3, 6, False),
     "tree_k3": (3, 3, 3, 10, False),
+    "tree_k3_coupled": (3, 3, 3, 10, True),
 }
-WARPS = {"t1": (1.0, 0), "t0.7_top3": (0.7, 3)}  # (temperature, top_k); top-k puts zeros into p
+WARPS = {"t1": (1.0, 0), "t0.7_top3": (0.7, 3), "greedy": (0.0, 0)}  # (temperature, top_k); top-k puts zeros into p
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,41 +63,59 @@ def _tables(seed: int, vocab: int = V, draft_noise: float = 2.0) -> tuple[torch.
     return target, drafter
 
 
-def _draft(context: torch.Tensor, draft_logp: torch.Tensor, mode: str, gen) -> DraftTree:
-    """Grow the draft tree after context [B, 2] (the root is context[:, 1]) with the mock drafter."""
-    topk, frontier_size, depth, num_nodes, sampled = MODES[mode]
-    builder = TreeBuilder(topk, frontier_size, generator=gen if sampled else None)
+def _draft(context, draft_logits, mode, warp, seeds, position):
+    """Grow the draft tree after context [B, 2] (the root is context[:, 1]) with the mock drafter; `position`
+    [B] is the response position the root's row predicts (coupled drafts use its noise)."""
+    topk, frontier_size, depth, num_nodes, coupled = MODES[mode]
+    builder = TreeBuilder(topk, frontier_size)
     fed_prev, fed_tok = context[:, :1], context[:, 1:]  # [B, M] tokens fed to the drafter and their predecessors
-    frontier = builder.expand(draft_logp[fed_prev, fed_tok])  # [B, 1, V] after the root
-    for _ in range(depth - 1):
+    for level in range(depth):
+        logits = draft_logits[fed_prev, fed_tok]  # [B, M, V]
+        first = None
+        if coupled:
+            positions = (position + level)[:, None].expand(logits.shape[:2])
+            first = sample(_warp(logits, *warp), seeds, positions, greedy=warp[0] == 0)
+        frontier = builder.expand(logits.log_softmax(-1), first)
         fed_prev, fed_tok = fed_tok.gather(1, frontier.parent_slot), frontier.tokens
-        frontier = builder.expand(draft_logp[fed_prev, fed_tok])  # [B, K, V]
     return builder.finalize(num_nodes)
 
 
-def _round(context: torch.Tensor, target_logp: torch.Tensor, draft_logp: torch.Tensor, mode: str, gen) -> VerifyResult:
+def _round(context, target_logp, draft_logits, mode, warp, seeds, position) -> VerifyResult:
     """One draft + verify round after context [B, 2]."""
-    tree = _draft(context, draft_logp, mode, gen)
+    tree = _draft(context, draft_logits, mode, warp, seeds, position)
     before = torch.where(tree.parents >= 0, tree.tokens.gather(1, tree.parents.clamp(min=0)), context[:, 1:])  # [B, N]
     logp = torch.cat([target_logp[context[:, 0], context[:, 1]].unsqueeze(1), target_logp[before, tree.tokens]], dim=1)
-    return verify(tree, logp, gen)  # logp: [B, 1+N, V]
+    targets = sample(logp, seeds, position[:, None] + tree.position_offsets, greedy=warp[0] == 0)
+    return verify(tree, logp, targets)  # logp: [B, 1+N, V]
 
 
-def _generate(num_rows: int, target_logp, draft_logp, mode: str, seed: int, check_logprobs: bool = False) -> torch.Tensor:
-    """[B, NUM_TOKENS] first tokens of speculative generation from CONTEXT."""
-    gen = torch.Generator().manual_seed(seed)
+def _speculative(seeds, target_logp, draft_logits, mode, warp, check_logprobs=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, NUM_TOKENS] first tokens of speculative generation from CONTEXT, and the accepted drafts per row."""
+    num_rows = len(seeds)
     seq = torch.tensor(CONTEXT).repeat(num_rows, 1)  # [B, 2]
     seq = torch.cat([seq, torch.full((num_rows, NUM_TOKENS * (MODES[mode][2] + 1)), -1)], dim=1)  # room for every round
     length = torch.full((num_rows,), 2)  # [B]
+    accepted = torch.zeros(num_rows, dtype=torch.long)
     for _ in range(NUM_TOKENS):  # every round emits >= 1 token
         context = seq.gather(1, torch.stack([length - 2, length - 1], dim=1))  # [B, 2]
-        result = _round(context, target_logp, draft_logp, mode, gen)
+        result = _round(context, target_logp, draft_logits, mode, warp, seeds, length - 2)
         positions = length.unsqueeze(1) + torch.arange(result.tokens.shape[1])  # [B, D+1]
         seq.scatter_(1, positions, result.tokens)  # slots after the emitted ones are overwritten next round
         if check_logprobs:
             _assert_logprobs_are_targets(seq, positions, result, target_logp)
         length = length + result.accept_lens + 1
-    return seq[:, 2 : 2 + NUM_TOKENS]
+        accepted += result.accept_lens
+    return seq[:, 2 : 2 + NUM_TOKENS], accepted
+
+
+def _plain(seeds, target_logp, greedy=False) -> torch.Tensor:
+    """[B, NUM_TOKENS]: plain decoding from CONTEXT, one token per step with the noise of its response position."""
+    seq = torch.tensor(CONTEXT).repeat(len(seeds), 1)
+    for t in range(NUM_TOKENS):
+        logp = target_logp[seq[:, -2], seq[:, -1]]  # [B, V]
+        token = sample(logp[:, None], seeds, torch.full((len(seeds), 1), t), greedy=greedy)  # [B, 1]
+        seq = torch.cat([seq, token], dim=1)
+    return seq[:, 2:]
 
 
 def _assert_logprobs_are_targets(seq, positions, result, target_logp):
@@ -103,6 +125,18 @@ def _assert_logprobs_are_targets(seq, positions, result, target_logp):
     torch.testing.assert_close(result.logprobs[emitted], expected[emitted])
     assert torch.all(result.logprobs[~emitted] == 0) and torch.all(result.tokens[~emitted] == -1)
     assert torch.isfinite(result.logprobs).all(), "an emitted token had target probability 0"
+
+
+@pytest.mark.parametrize("warp", list(WARPS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_speculative_tokens_are_the_plain_samples(mode, warp):
+    target, drafter = _tables(seed=0)
+    target_logp = _warp(target, *WARPS[warp])
+    seeds = torch.arange(4000) * 31 + 5
+    plain = _plain(seeds, target_logp, greedy=WARPS[warp][0] == 0)
+    spec, accepted = _speculative(seeds, target_logp, drafter, mode, WARPS[warp], check_logprobs=True)
+    assert torch.equal(spec, plain), f"{mode}/{warp}: {(spec != plain).any(1).sum()} rows differ"
+    assert accepted.sum() > 0
 
 
 def _exact_distribution(target_logp: torch.Tensor) -> torch.Tensor:
@@ -133,41 +167,49 @@ def _tv_bound(exact: torch.Tensor, n: int, delta: float = 1e-6) -> float:
 NUM_ROWS = 40_000
 
 
-@pytest.mark.parametrize("warp", list(WARPS))
-@pytest.mark.parametrize("mode", list(MODES))
-def test_sampling_is_lossless_and_a_biased_rule_is_caught(mode, warp, monkeypatch):
-    target, drafter = _tables(seed=0)
-    target_logp, draft_logp = _warp(target, *WARPS[warp]), drafter.log_softmax(-1)
+@pytest.mark.parametrize("warp", ["t1", "t0.7_top3"])
+def test_plain_sampling_follows_the_exact_distribution_and_shared_noise_is_caught(warp, monkeypatch):
+    target, _ = _tables(seed=1)
+    target_logp = _warp(target, *WARPS[warp])
     exact = _exact_distribution(target_logp)
     bound = _tv_bound(exact, NUM_ROWS)
     assert bound < 0.035
-
-    tv = _tv(_generate(NUM_ROWS, target_logp, draft_logp, mode, seed=1), exact)
-    assert tv < bound, f"{mode}/{warp}: TV {tv:.4f} >= bound {bound:.4f}"
-
-    # The classic mistake for each rule: resample from p instead of the residual (sampled chain:
-    # skip max(p - q, 0); point drafts: keep rejected candidates in the residual).
-    monkeypatch.setattr(spec_tree, "_rejection_residual", lambda p, q: p)
-    monkeypatch.setattr(spec_tree, "_remove_candidate", lambda residual, token, rejected: residual)
-    biased_tv = _tv(_generate(NUM_ROWS, target_logp, draft_logp, mode, seed=1), exact)
-    assert biased_tv > bound, f"{mode}/{warp}: the biased rule passed (TV {biased_tv:.4f} <= {bound:.4f})"
+    seeds = torch.arange(NUM_ROWS)
+    tv = _tv(_plain(seeds, target_logp), exact)
+    assert tv < bound, f"{warp}: TV {tv:.4f} >= bound {bound:.4f}"
+    # The classic mistake: noise keyed by the request only, the same at every position.
+    keys = sampling.noise_keys
+    monkeypatch.setattr(sampling, "noise_keys", lambda s, positions: keys(s, torch.zeros_like(positions)))
+    biased = _tv(_plain(seeds, target_logp), exact)
+    assert biased > bound, f"{warp}: noise shared across positions passed (TV {biased:.4f} <= {bound:.4f})"
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_logprobs_are_those_of_the_original_target(mode):
-    target, drafter = _tables(seed=2)
-    target_logp, draft_logp = _warp(target, 0.7, 3), drafter.log_softmax(-1)
-    _generate(2000, target_logp, draft_logp, mode, seed=3, check_logprobs=True)
+@pytest.mark.parametrize("mode", ["chain_top1", "tree_k3"])
+def test_top_k_drafts_are_accepted_with_the_target_probability_of_the_draft(mode):
+    """One round at the root: the chance that some child of the root is accepted is the target's mass on
+    the root's children (p(x) for a chain, the sum over the candidates for a tree), as rejection sampling gives."""
+    target, drafter = _tables(seed=3)
+    target_logp = _warp(target, 1.0, 0)
+    n = 20000
+    context = torch.tensor(CONTEXT).repeat(n, 1)
+    result = _round(context, target_logp, drafter, mode, WARPS["t1"], torch.arange(n), torch.zeros(n, dtype=torch.long))
+    tree = _draft(context[:1], drafter, mode, WARPS["t1"], torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    children = tree.tokens[0][tree.parents[0] < 0]  # the root's children (top-k drafts: the same in every row)
+    assert 1 <= len(children) <= MODES[mode][0]
+    expected = target_logp[CONTEXT].exp()[children].sum().item()
+    rate = (result.accept_lens > 0).double().mean().item()
+    assert abs(rate - expected) < 4 * math.sqrt(expected * (1 - expected) / n), (rate, expected)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_greedy_emits_the_argmax_chain_and_accepts_the_longest_matching_path(mode):
     vocab, num_rows = 8, 512
     target, drafter = _tables(seed=4, vocab=vocab, draft_noise=1.0)
-    target_logp, draft_logp = _warp(target, 0.0, 0), drafter.log_softmax(-1)
+    target_logp = _warp(target, 0.0, 0)
     gen = torch.Generator().manual_seed(5)
     context = torch.randint(0, vocab, (num_rows, 2), generator=gen)
-    result = _round(context, target_logp, draft_logp, mode, gen)
+    seeds, position = torch.arange(num_rows), torch.zeros(num_rows, dtype=torch.long)
+    result = _round(context, target_logp, drafter, mode, WARPS["greedy"], seeds, position)
 
     greedy_next = target.argmax(-1)  # [V, V]
     depth = result.tokens.shape[1] - 1
@@ -179,17 +221,27 @@ def test_greedy_emits_the_argmax_chain_and_accepts_the_longest_matching_path(mod
     assert torch.equal(result.tokens[emitted], chain[emitted])
     assert result.accept_lens.float().mean() > 0.5, "the drafter should agree with the target often"
 
-    if not MODES[mode][4]:  # deterministic drafts: the same tree again, and its longest path spelling the chain
-        tree = _draft(context, draft_logp, mode, gen)
-        longest = torch.zeros(num_rows, dtype=torch.long)
-        matches = torch.zeros_like(tree.tokens, dtype=torch.bool)  # [B, N]
-        for i in range(tree.tokens.shape[1]):  # parents come first
-            parent = tree.parents[:, i]
-            parent_ok = (parent < 0) | matches.gather(1, parent.clamp(min=0).unsqueeze(1)).squeeze(1)
-            on_chain = tree.tokens[:, i] == chain.gather(1, (tree.depth[:, i] - 1).unsqueeze(1)).squeeze(1)
-            matches[:, i] = parent_ok & on_chain
-            longest = torch.where(matches[:, i], torch.maximum(longest, tree.depth[:, i]), longest)
-        assert torch.equal(result.accept_lens, longest)
+    tree = _draft(context, drafter, mode, WARPS["greedy"], seeds, position)  # the same tree again
+    longest = torch.zeros(num_rows, dtype=torch.long)
+    matches = torch.zeros_like(tree.tokens, dtype=torch.bool)  # [B, N]
+    for i in range(tree.tokens.shape[1]):  # parents come first
+        parent = tree.parents[:, i]
+        parent_ok = (parent < 0) | matches.gather(1, parent.clamp(min=0).unsqueeze(1)).squeeze(1)
+        on_chain = tree.tokens[:, i] == chain.gather(1, (tree.depth[:, i] - 1).unsqueeze(1)).squeeze(1)
+        matches[:, i] = parent_ok & on_chain
+        longest = torch.where(matches[:, i], torch.maximum(longest, tree.depth[:, i]), longest)
+    assert torch.equal(result.accept_lens, longest)
+
+
+def test_a_row_emits_the_same_tokens_in_any_batch():
+    target, drafter = _tables(seed=8)
+    target_logp = _warp(target, 1.0, 0)
+    seeds = torch.tensor([11, 12, 13])
+    for mode in ("chain_coupled", "tree_k2"):
+        batched, _ = _speculative(seeds, target_logp, drafter, mode, WARPS["t1"])
+        for b in range(3):
+            alone, _ = _speculative(seeds[b : b + 1], target_logp, drafter, mode, WARPS["t1"])
+            assert torch.equal(alone[0], batched[b])
 
 
 # ---- tree construction ----
@@ -281,28 +333,14 @@ def test_ties_keep_the_tree_ancestor_closed(kind):
     _check_structure(tree)
 
 
-def test_sampled_chain_keeps_the_draft_distributions():
-    gen = torch.Generator().manual_seed(7)
-    builder = TreeBuilder(topk=1, generator=gen)
-    levels = [torch.randn(3, 1, V, generator=gen).log_softmax(-1) for _ in range(4)]
-    for level in levels:
-        builder.expand(level)
-    tree = builder.finalize(4)
-    assert torch.equal(tree.draft_dists, torch.cat(levels, dim=1))
-    assert torch.equal(tree.parents, torch.arange(-1, 3).expand(3, 4))
-    with pytest.raises(ValueError, match="chains only"):
-        TreeBuilder(topk=2, generator=gen)
-
-
-def test_per_row_generators_make_rows_independent_of_the_batch():
-    target, drafter = _tables(seed=8)
-    target_logp, draft_logp = _warp(target, 1.0, 0), drafter.log_softmax(-1)
-    context = torch.tensor([[0, 1], [2, 3], [1, 1]])
-    for mode in ("chain_sampled", "tree_k2"):
-        batched = _round(context, target_logp, draft_logp, mode, [torch.Generator().manual_seed(s) for s in range(3)])
-        for b in range(3):
-            alone = _round(context[b : b + 1], target_logp, draft_logp, mode, [torch.Generator().manual_seed(b)])
-            assert torch.equal(alone.tokens[0], batched.tokens[b])
+def test_coupled_children_come_first_then_the_drafter_s_next_best():
+    logq = torch.tensor([[[-0.1, -2.0, -3.0, -4.0, -5.0]], [[-1.0, -0.5, -3.0, -0.2, -9.0]]])  # [B=2, M=1, V=5]
+    builder = TreeBuilder(topk=3)
+    frontier = builder.expand(logq, torch.tensor([[2], [3]]))
+    assert frontier.tokens.tolist() == [[0, 1, 2], [3, 1, 0]]  # frontier in score order; children distinct
+    tree = builder.finalize(3)
+    assert sorted(tree.tokens[0].tolist()) == [0, 1, 2] and sorted(tree.tokens[1].tolist()) == [0, 1, 3]
+    torch.testing.assert_close(tree.draft_logprobs, logq[:, 0].gather(1, tree.tokens))
 
 
 # ---- KV compaction ----

@@ -28,7 +28,7 @@ return a tensor or a tuple of tensors with the batch first. Modes:
 The warm-up and every replay write the same K/V to the same cache positions, so capturing does not
 disturb a generation. Outputs of a replay live in the graph's memory: valid until the next call
 with the same key (the engine consumes them within the step). Sampling, verification and the
-commit stay outside the graphs (they take per-request generators and host-known lengths).
+commit stay outside the graphs (they take host-known lengths).
 """
 from __future__ import annotations
 

@@ -30,9 +30,8 @@ what it has not seen, drafts from `rows.last_tokens` / `rows.last_hidden`, verif
 in one target forward (spec/drafting.py), and returns the accepted drafts plus the correction/bonus
 token of each row as a `StepOutput`, in place of `plain_step`'s one token. The commit that follows
 (stop tokens, length limits, output buffers, row-state update) is shared by both. Speculative
-decoding is lossless: greedy outputs equal plain decoding's, sampled ones follow the same
-distribution (though not the same random draws: with "adaptive", which steps speculate depends on
-measured timings).
+decoding is exact: it emits the very tokens plain decoding samples, greedy or not, whatever the drafter,
+the draft shape or the selector's choices (see Randomness).
 
     engine = RolloutEngine(model, drafter=Drafter(model), spec="adaptive")
 
@@ -41,13 +40,19 @@ row) that decides which rows finish and gives `kv_len`; plus, on steps where row
 of their outputs. Speculative steps add none: tree sizes, feed widths and `kv_len` follow from
 host-known lengths. Sampling, stop checks and output writes stay on the device.
 
-Randomness: each request has its own torch.Generator (`sampling.request_generator`) seeded from
-(seed, prompt index or its `seed_ids` entry, sample index), so its random draws do not depend on which
-other requests share its batch (the logits can still differ in the last bits between batch shapes).
-The price is one small noise kernel per row per step; greedy plain decoding takes the argmax and draws
-nothing (speculative steps draw, greedy or not). Every TP rank builds the same generators and sees the
-same gathered logits, so all ranks sample the same tokens; with "adaptive", the ranks share the slowest
-rank's step time, so their selectors (same seed, same rewards) pick the same shapes.
+Randomness: a request's token at response position t is argmax(log p_t + G_t), G_t Gumbel noise that is a
+pure function of (the request's seed, t, token id) (`sampling.sample`; the seed `sampling.request_seed` of
+(seed, prompt index or its `seed_ids` entry, sample index)). Its samples therefore depend on nothing but
+its own distributions: not on which requests share its batch, its slot, when it was admitted, its DP rank,
+or whether a plain step or a verify forward evaluated position t (a verify accepts a draft iff it is that
+sample: spec/tree.py). One noise call serves the whole batch and every verify row, with no generator state
+and no sync; greedy decoding draws none. `drafts="coupled"` (default) drafts each node's first child with
+the same noise on the drafter's distribution, so a chain predicts the target's sample rather than its mode;
+`"topk"` drafts the drafter's most likely tokens. Every TP rank computes the same noise over the same
+gathered logits, so all ranks sample the same tokens; with "adaptive", the ranks share the slowest rank's
+step time, so their selectors (same seed, same rewards) pick the same shapes. The logits themselves can
+still differ in the last bits between batch shapes or between a decode and a verify forward, which can
+flip a near-tie (measured in tools/bench/rollout.py; none in the tests' fp32 CPU runs).
 """
 from __future__ import annotations
 
@@ -59,12 +64,13 @@ import torch
 
 from megatron_tlt.rollout.cuda_graphs import next_power_of_two
 from megatron_tlt.rollout.model_calls import ModelCalls
-from megatron_tlt.rollout.sampling import SamplingParams, request_generator, sample, target_logprobs
+from megatron_tlt.rollout.sampling import SamplingParams, request_seed, sample, target_logprobs
 from megatron_tlt.rollout.spec.drafting import DrafterState, cache_headroom, feasible_shape, speculative_step
 from megatron_tlt.rollout.spec.selector import DraftSelector, DraftShape, arm_name
 from megatron_tlt.rollout.types import Completion, DecodeRows, EngineStats, OutputBuffers, Request, StepOutput
 
 SPEC_MODES = ("off", "chain", "tree", "adaptive")
+DRAFT_MODES = ("coupled", "topk")
 DEFAULT_SHAPES = {"chain": DraftShape.chain(4), "tree": DraftShape(depth=4, topk=4, num_verify=12)}
 
 
@@ -114,7 +120,11 @@ class RolloutEngine:
         selector: Optional[DraftSelector] = None,  # for "adaptive"; default a DraftSelector over DEFAULT_SHAPES
         drafter_feed_capacity: int = 64,  # pending target pairs per slot before plain steps feed the drafter
         cuda_graphs: str = "auto",  # "off" | "eager" | "capture" (see cuda_graphs.py); "auto": capture on CUDA, else off
+        drafts: str = "coupled",  # "coupled": first children use the target's position noise | "topk": the drafter's best
     ):
+        if drafts not in DRAFT_MODES:
+            raise ValueError(f"drafts must be one of {DRAFT_MODES}, got {drafts!r}")
+        self.drafts = drafts
         self.model_calls = ModelCalls(
             model, max_seq_len=max_seq_len, cache_budget_bytes=cache_budget_bytes, max_batch=max_batch, dtype=dtype,
             cuda_graphs=cuda_graphs,
@@ -186,7 +196,7 @@ class RolloutEngine:
             rows.last_tokens[:, None], rows.lengths[:, None], rows.slots, rows.lengths, kv_len=max(rows.host_lengths) + 1
         )  # [B, 1, H], [B, 1, V]
         logp = target_logprobs(logits[:, 0], params)  # [B, V]
-        tokens = logp.argmax(dim=-1) if params.greedy else sample(logp, rows.generators)  # [B]
+        tokens = sample(logp[:, None], rows.seeds, rows.num_generated[:, None], greedy=params.greedy)[:, 0]  # [B]
         return StepOutput(
             tokens=tokens[:, None],
             logprobs=logp.gather(-1, tokens[:, None]),
@@ -197,7 +207,7 @@ class RolloutEngine:
     def spec_step(self, rows: DecodeRows, params: SamplingParams, draft_shape: DraftShape) -> StepOutput:
         """Speculative step (`spec.drafting.speculative_step`): the accepted drafts of `draft_shape` and the
         correction/bonus token per row, with the target's logprobs and hidden states."""
-        out = speculative_step(self.drafter_state, rows, params, draft_shape)
+        out = speculative_step(self.drafter_state, rows, params, draft_shape, self.drafts == "coupled")
         self._accepted[rows.slots] += out.num_new - 1  # all but the last token are accepted drafts
         for r in rows.requests:
             r.spec_steps += 1
@@ -246,8 +256,8 @@ class RolloutEngine:
                 if room < 1:
                     results[i][j] = Completion([], [], "prompt_too_long", stats={"prompt_tokens": len(prompt)})
                     continue
-                gen = request_generator(params.seed, seed_ids[i], j, self.device)
-                pending.append(Request(i, j, prompt, min(params.max_new_tokens, room), gen))
+                seed = request_seed(params.seed, seed_ids[i], j)
+                pending.append(Request(i, j, prompt, min(params.max_new_tokens, room), seed))
 
         buffers = self._output_buffers(params.max_new_tokens)
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=self.device)

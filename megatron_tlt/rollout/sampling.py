@@ -1,32 +1,31 @@
-"""Sampling: the parameters, the exact distribution sampled from, and a sync-free sampler.
+"""Sampling: the parameters, the exact distribution sampled from, and position-keyed noise.
 
-Why: speculative decoding is lossless only if it reproduces *the* distribution plain decoding samples
-from, so that distribution is one standalone function, `target_logprobs`, used by the plain decode
-step, by speculative verification at every drafted position, and for the per-token logprobs a rollout
-returns. `sample` draws from any such log-distribution with an exponential race (Gumbel-max), which
-needs no cumulative sums, no host sync, and is deterministic for given generators. Each request (one
-sample of one prompt) draws from its own generator, `request_generator`, seeded by name, so its draws do
-not depend on which other requests share its batch, process or DP rank.
+Why: speculative decoding must reproduce plain decoding. The distribution sampled from is one standalone
+function, `target_logprobs`, used by the plain decode step, by speculative verification at every drafted
+position, and for the per-token logprobs a rollout returns. The random draw is Gumbel-max with noise that
+is a pure function of (request seed, response position, token id) (`gumbel_noise`, a counter-based hash:
+no generator state, no per-row kernels, no host sync, so it also runs inside CUDA graphs). Whoever
+evaluates a request's distribution at response position t (a plain decode step, a verify forward over a
+draft tree, any batch, slot or rank) therefore draws the same token: speculative decoding that accepts
+a draft iff it equals that token emits exactly the plain sample (coupling by shared noise; Daliri, Musco
+& Suresh 2024, "Coupling without Communication and Drafter-Invariant Speculative Decoding").
 
 How to use:
 
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=512, seed=0).validate()
-    logp = target_logprobs(logits, params)            # logits [B, V] -> log-probs [B, V]
-    generators = [request_generator(params.seed, prompt_id, j, device) for j in range(B)]  # or one generator
-    tokens = sample(logp, generators)                 # [B]
-    token_logprobs = logp.gather(-1, tokens[:, None])  # [B, 1]
+    logp = target_logprobs(logits, params)                # logits [B, V] -> log-probs [B, V]
+    seeds = torch.tensor([request_seed(params.seed, prompt_id, j) for j in range(B)])   # [B]
+    tokens = sample(logp[:, None], seeds, response_positions[:, None])[:, 0]            # [B]
+    token_logprobs = logp.gather(-1, tokens[:, None])     # [B, 1]
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 
 from megatron_tlt.seeds import derive_seed
-
-Generators = Union[torch.Generator, Sequence[torch.Generator]]
 
 
 @dataclass
@@ -60,10 +59,10 @@ class SamplingParams:
         return self
 
 
-def request_generator(seed: int, prompt_id: int, sample_index: int, device) -> torch.Generator:
-    """The generator of sample `sample_index` of the prompt named `prompt_id`, seeded with
-    `derive_seed(seed, prompt_id, sample_index)` (the same in every process and on every rank)."""
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, prompt_id, sample_index))
+def request_seed(seed: int, prompt_id: int, sample_index: int) -> int:
+    """The noise seed of sample `sample_index` of the prompt named `prompt_id`: `derive_seed(seed, prompt_id,
+    sample_index)`, the same in every process and on every rank."""
+    return derive_seed(seed, prompt_id, sample_index)
 
 
 def _top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,23 +102,62 @@ def target_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return x.log_softmax(dim=-1)
 
 
-def exponential_noise(shape: tuple[int, int], generator: Generators, device: torch.device) -> torch.Tensor:
-    """[B, V] i.i.d. Exp(1) draws; row b comes from generator[b] when a sequence is given (one small
-    kernel per row), else all rows from the one generator. Clamped away from 0 so logs stay finite."""
-    if isinstance(generator, torch.Generator):
-        noise = torch.empty(shape, device=device).exponential_(generator=generator)
-    else:
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
-        noise = torch.stack([torch.empty(shape[1], device=device).exponential_(generator=g) for g in generator])
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+def _int64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores (multiplications wrap around modulo 2^64)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
 
 
-def sample(logprobs: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """logprobs: [B, V] (rows may hold -inf) -> [B] int64 tokens, one draw per row, no host sync.
+_GOLDEN = _int64(0x9E3779B97F4A7C15)  # splitmix64's increment and multipliers (Steele, Lea & Flood 2014)
+_MIX1, _MIX2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
 
-    Exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) picks v with probability p_v (equivalently
-    Gumbel-max: argmax logp_v - log E_v).
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser: a bijection of 64-bit words whose every output bit depends on every input bit."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def noise_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """seeds [B] int64, positions [B, T] int64 -> [B, T] int64: one 64-bit key per (request, response position)."""
+    return _mix64(_mix64(seeds[:, None] * _GOLDEN + _GOLDEN) ^ positions)
+
+
+def gumbel_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """keys [...] int64 (from `noise_keys`) -> [..., V] fp32 Gumbel(0, 1) noise, a pure function of (key, token id).
+
+    Token v's word is splitmix64 of key + (v + 1) * golden; its top 24 bits give u in [0, 1), E = -log(1 - u)
+    ~ Exp(1) (kept >= 2^-25, half a step, so its log is finite), and the noise is -log E.
     """
-    noise = exponential_noise(tuple(logprobs.shape), generator, logprobs.device)  # [B, V]
-    return (logprobs.float() - noise.log()).argmax(dim=-1)
+    tokens = torch.arange(1, vocab_size + 1, dtype=torch.long, device=keys.device) * _GOLDEN  # [V]
+    u = _shr(_mix64(keys[..., None] + tokens), 40).float() * 2.0**-24  # [..., V] in [0, 1 - 2^-24]
+    return torch.log1p(-u).neg_().clamp_min_(2.0**-25).log_().neg_()
+
+
+# Noise elements per chunk of `sample`: bounds its int64 temporaries (8 bytes each, a few at a time).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def sample(logprobs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+    """logprobs [B, T, V] (rows may hold -inf), seeds [B], positions [B, T] -> [B, T] int64 tokens, no host sync.
+
+    Gumbel-max with position-keyed noise: argmax_v logp_v + G_v picks v with probability p_v, and G depends
+    only on (seed, position, v), so whoever evaluates row (b, t) (plain decoding, a verify forward, another
+    batch, another rank) draws the same token from the same distribution. Greedy targets (one-hot logp) give
+    their argmax whatever the noise: `greedy` skips drawing it.
+    """
+    if greedy:
+        return logprobs.argmax(dim=-1)
+    B, T, V = logprobs.shape
+    keys = noise_keys(seeds, positions).flatten()  # [B*T]
+    flat = logprobs.reshape(B * T, V)
+    step = max(1, _CHUNK_ELEMENTS // V)
+    tokens = [
+        (flat[i : i + step].float() + gumbel_noise(keys[i : i + step], V)).argmax(dim=-1) for i in range(0, B * T, step)
+    ]
+    return torch.cat(tokens).view(B, T)

@@ -58,7 +58,7 @@ class Request:
     sample_index: int
     prompt: list[int]
     max_new: int  # response-length limit: max_new_tokens, cut to the context window
-    generator: torch.Generator
+    seed: int  # its noise seed (sampling.request_seed): its samples depend on nothing else but its distributions
     slot: int = -1
     admitted_step: int = 0
     shared_prefill: bool = False  # K/V copied from a sibling sample's prefill
@@ -75,6 +75,7 @@ class DecodeRows:
     last_hidden: torch.Tensor  # [B, H] target final hidden state that produced last_tokens (zeros for a 1-token prompt)
     num_generated: torch.Tensor  # [B] int64 response tokens so far
     max_new: torch.Tensor  # [B] int64 response-length limit of each row
+    seeds: torch.Tensor  # [B] int64 noise seed of each row's request (the noise of its position t is keyed by both)
     requests: list[Request]
     host_lengths: list[int]  # `lengths` as of the last sync: sizes kv_len without another sync
 
@@ -83,7 +84,7 @@ class DecodeRows:
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        return cls(zeros(0), zeros(0), zeros(0), zeros(0, hidden_size, dtype=hidden_dtype), zeros(0), zeros(0), [], [])
+        return cls(zeros(0), zeros(0), zeros(0), zeros(0, hidden_size, dtype=hidden_dtype), zeros(0), zeros(0), zeros(0), [], [])
 
     @classmethod
     def admitted(cls, requests: list[Request], last_hidden: torch.Tensor) -> "DecodeRows":
@@ -102,6 +103,7 @@ class DecodeRows:
             last_hidden=last_hidden,
             num_generated=torch.zeros(len(requests), dtype=torch.long, device=device),
             max_new=tensor([r.max_new for r in requests]),
+            seeds=tensor([r.seed for r in requests]),
             requests=requests,
             host_lengths=lengths,
         )
@@ -109,15 +111,11 @@ class DecodeRows:
     def __len__(self) -> int:
         return len(self.requests)
 
-    @property
-    def generators(self) -> list[torch.Generator]:
-        return [r.generator for r in self.requests]
-
     def select(self, keep: list[int]) -> "DecodeRows":
         idx = torch.tensor(keep, dtype=torch.long, device=self.slots.device)
         return DecodeRows(
             self.slots[idx], self.lengths[idx], self.last_tokens[idx], self.last_hidden[idx],
-            self.num_generated[idx], self.max_new[idx],
+            self.num_generated[idx], self.max_new[idx], self.seeds[idx],
             [self.requests[i] for i in keep], [self.host_lengths[i] for i in keep],
         )
 
@@ -126,7 +124,7 @@ class DecodeRows:
             torch.cat([self.slots, other.slots]), torch.cat([self.lengths, other.lengths]),
             torch.cat([self.last_tokens, other.last_tokens]), torch.cat([self.last_hidden, other.last_hidden]),
             torch.cat([self.num_generated, other.num_generated]), torch.cat([self.max_new, other.max_new]),
-            self.requests + other.requests, self.host_lengths + other.host_lengths,
+            torch.cat([self.seeds, other.seeds]), self.requests + other.requests, self.host_lengths + other.host_lengths,
         )
 
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from megatron_tlt.rollout.sampling import SamplingParams, target_logprobs
+from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
 from megatron_tlt.rollout.spec.selector import DraftShape
 from megatron_tlt.rollout.spec.tree import DraftTree, TreeBuilder, VerifyResult, kv_keep_index, verify
 from megatron_tlt.rollout.types import DecodeRows, StepOutput
@@ -143,38 +143,49 @@ def feasible_shape(shape: DraftShape, host_lengths: list[int], max_seq_len: int)
     return shape.shrink(max_seq_len - 1 - max(host_lengths))
 
 
-def speculative_step(state: DrafterState, rows: DecodeRows, params: SamplingParams, shape: DraftShape) -> StepOutput:
+def speculative_step(
+    state: DrafterState, rows: DecodeRows, params: SamplingParams, shape: DraftShape, coupled: bool = True
+) -> StepOutput:
     """Feed the drafter its pending pairs and the roots, draft `shape` (it must fit every row's context: see
     `feasible_shape`), verify all drafts in one target forward. Returns per row the accepted drafts and
     the correction/bonus token, with the target's logprobs and hidden states."""
     g_root = state.feed(rows, with_root=True)  # [B, H]
-    tree = draft_tree(state, rows, params, shape, g_root)
+    tree = draft_tree(state, rows, params, shape, g_root, coupled)
     result, hidden = verify_tree(state.calls, rows, params, tree)  # hidden: [B, D+1, H]
     return StepOutput(result.tokens, result.logprobs, hidden, result.accept_lens + 1, shape)
 
 
-def _level_logprobs(calls: "ModelCalls", g: torch.Tensor, params: SamplingParams, shape: DraftShape) -> torch.Tensor:
-    """Drafter outputs g [B, M, H] -> [B, M, V] the distributions to draft from: for a sampled chain the
-    target's warping of the drafter's logits (greedy: one-hot), for a tree the plain log-softmax (its scores)."""
+def _expand(
+    builder: TreeBuilder, calls: "ModelCalls", g: torch.Tensor, rows: DecodeRows, params: SamplingParams, depth: int,
+    coupled: bool,
+):
+    """Drafter outputs g [B, M, H] of the frontier at `depth - 1` -> the next frontier. Children are scored by
+    the drafter's log-softmax (chains: its target-warped distribution); with `coupled`, each node's first child
+    is the drafter's sample under the target's noise for response position num_generated + depth - 1."""
     logits = calls.draft_logits(g)  # [B, M, V]
-    if not shape.is_chain:
-        return logits.log_softmax(dim=-1)
-    return target_logprobs(logits.flatten(0, 1), params).view_as(logits)
+    warped = target_logprobs(logits.flatten(0, 1), params).view_as(logits) if coupled or builder.topk == 1 else None
+    first = None
+    if coupled:
+        positions = (rows.num_generated + depth - 1)[:, None].expand(logits.shape[:2])  # [B, M]
+        first = sample(warped, rows.seeds, positions, greedy=params.greedy)
+    return builder.expand(warped if builder.topk == 1 else logits.log_softmax(dim=-1), first)
 
 
 def draft_tree(
-    state: DrafterState, rows: DecodeRows, params: SamplingParams, shape: DraftShape, g_root: torch.Tensor
+    state: DrafterState, rows: DecodeRows, params: SamplingParams, shape: DraftShape, g_root: torch.Tensor,
+    coupled: bool = True,
 ) -> DraftTree:
-    """Grow `shape` from each row's root, whose drafter output is g_root [B, H] (from `state.feed`).
+    """Grow `shape` from each row's root, whose drafter output is g_root [B, H] (from `state.feed`); `coupled`:
+    first children drawn with the target's position noise (else every child is a top-k one).
 
     Level k's K frontier nodes run at position L-1+k with their parent's drafter output as hidden
     input, cached after the E nodes of the earlier levels (cache positions L+E ..), seeing the
     committed entries, their ancestors and themselves.
     """
     calls = state.calls
-    builder = TreeBuilder(1, generator=rows.generators) if shape.is_chain else TreeBuilder(shape.topk)
+    builder = TreeBuilder(shape.topk)
     g = g_root[:, None]  # [B, M=1, H] drafter outputs of the last level
-    frontier = builder.expand(_level_logprobs(calls, g, params, shape))
+    frontier = _expand(builder, calls, g, rows, params, 1, coupled)
     fed = 0  # E: draft nodes cached so far
     for depth in range(1, shape.depth):
         B, K = frontier.tokens.shape
@@ -184,7 +195,7 @@ def draft_tree(
         kv_len = max(rows.host_lengths) + fed + K
         g = calls.draft_level(frontier.tokens, parent_g, positions, rows.slots, rows.lengths + fed, kv_len, visible)  # [B, K, H]
         fed += K
-        frontier = builder.expand(_level_logprobs(calls, g, params, shape))
+        frontier = _expand(builder, calls, g, rows, params, depth + 1, coupled)
     return builder.finalize(shape.num_verify)
 
 
@@ -203,7 +214,8 @@ def verify_tree(
     kv_len = max(rows.host_lengths) + 1 + N
     hidden, logits = calls.verify(tokens, positions, rows.slots, rows.lengths, kv_len, tree.tree_mask)  # [B, 1+N, H], [B, 1+N, V]
     logp = target_logprobs(logits.flatten(0, 1), params).view_as(logits)
-    result = verify(tree, logp, rows.generators)
+    positions = rows.num_generated[:, None] + tree.position_offsets  # [B, 1+N] response position each row predicts
+    result = verify(tree, logp, sample(logp, rows.seeds, positions, greedy=params.greedy))
     keep = kv_keep_index(result)  # [B, D+1]
     calls.keep_verified(rows.slots, rows.lengths, keep)
     return result, hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
