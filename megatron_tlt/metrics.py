@@ -4,8 +4,15 @@ Only the main rank writes. On resume the jsonl keeps the steps before the resume
 later ones (they belong to the run that crashed), so a resumed run's log reads as one run.
 Response lengths of every step go to `RUN_DIR/response_lengths.jsonl` for the long-tail plot.
 
+With `run.save_rollouts`, every rollout-DP rank also appends the samples it rolled out to
+`RUN_DIR/rollouts/rank{R}.jsonl` (`RolloutLog`, truncated on resume the same way): one JSON object per
+sample, named by step, group id, dataset index and index within its group, so runs can be compared
+sample by sample (e.g. SD on vs off, which sample the same tokens).
+
     with MetricsLogger(run_dir, total_steps=100, start_step=0, enabled=ps.is_main) as logger:
         logger.log(step, {"reward_mean": 0.3, ...}, response_lengths=[...])
+    rollouts = RolloutLog(run_dir, rps.dp_rank, start_step=0, enabled=cfg.run.save_rollouts and rps.tp_rank == 0)
+    rollouts.write(step, samples, {group id: dataset index})
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 LENGTHS_FILE = "response_lengths.jsonl"
+ROLLOUTS_DIR = "rollouts"
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
@@ -119,6 +127,33 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RolloutLog:
+    """Appends this rank's rolled-out samples (`rl.sample.Sample`s, after scoring) to
+    `RUN_DIR/rollouts/rank{R}.jsonl`; on resume it first drops the rows of steps >= `start_step`."""
+
+    def __init__(self, run_dir, rank: int, start_step: int = 0, enabled: bool = True):
+        self.path = Path(run_dir) / ROLLOUTS_DIR / f"rank{rank}.jsonl" if enabled else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_from(self.path, start_step)
+
+    def write(self, step: int, samples, dataset_index: dict[int, int]) -> None:
+        """One row per sample. `samples` come as the rollout made them (a group's samples together, in order),
+        `dataset_index` maps their group ids to the prompts' dataset indices."""
+        if self.path is None:
+            return
+        seen: dict[int, int] = {}
+        rows = []
+        for s in samples:
+            k = seen[s.group] = seen.get(s.group, -1) + 1
+            rows.append(json.dumps({
+                "step": step, "group": s.group, "prompt": dataset_index[s.group], "sample": k, "response_ids": s.response_ids,
+                "reward": s.reward, "finish_reason": s.finish_reason,
+            }))
+        with open(self.path, "a") as f:
+            f.write("".join(row + "\n" for row in rows))
 
 
 def read_jsonl(path) -> list[dict]:

@@ -22,7 +22,7 @@ from megatron_tlt.coordinator.assignment import RolloutId, assign_prompts
 from megatron_tlt.coordinator.exchange import exchange_for_update, return_hidden
 from megatron_tlt.data.datasets import PromptSampler
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES
-from megatron_tlt.metrics import MetricsLogger
+from megatron_tlt.metrics import MetricsLogger, RolloutLog
 from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.rewards import RewardPool, build_reward_fn
 from megatron_tlt.step.checkpointing import RunState, open_run_dir
@@ -85,6 +85,7 @@ def train(cfg: Config) -> Path:
     with pool, MetricsLogger(
         run_dir, cfg.run.steps, start, enabled=ps.is_main, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project
     ) as logger:
+        rollout_log = RolloutLog(run_dir, rps.dp_rank, start, enabled=cfg.run.save_rollouts and rps.tp_rank == 0)
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
             tally, samples = StepTally(), []
@@ -97,12 +98,14 @@ def train(cfg: Config) -> Path:
                         break
                     rid = RolloutId(step, round_)
                     # the same draw on every rank; each rollout replica rolls out its share
-                    prompts = {g: train_ds[i] for g, i in assign_prompts(sampler.take(want), tally.drawn, rps).items()}
+                    mine = assign_prompts(sampler.take(want), tally.drawn, rps)  # {group id: dataset index}
+                    prompts = {g: train_ds[i] for g, i in mine.items()}
                     params = sampling_params(cfg.rollout, tokenizer, rid.seed(cfg.run.seed))
                     new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
                     tally.add_engine(engine.stats)
                     new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)
                     tally.add_rewards(reward_stats)
+                    rollout_log.write(step, new, mine)  # run.save_rollouts: RUN_DIR/rollouts/rank{R}.jsonl
                     tlt.rollout_done(rid)  # TLT: train the drafter until the slowest rank's rollout is done too
                     tally.drawn += want
                     samples += drop_equal_reward_groups(new) if cfg.algo.dynamic_sampling else new

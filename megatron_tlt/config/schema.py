@@ -347,6 +347,7 @@ class RunConfig:
     sft_batch: int = 32  # sequences per warm-up step
     tensorboard: bool = True  # when the tensorboard package is installed
     wandb_project: Optional[str] = None  # log to wandb when installed and set
+    save_rollouts: bool = False  # each rollout-DP rank appends its scored samples to RUN_DIR/rollouts/rank{R}.jsonl
 
     def __post_init__(self):
         self.resume = {"True": "true", "False": "false"}.get(self.resume, self.resume)  # YAML booleans arrive as 'True'
