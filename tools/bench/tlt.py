@@ -10,19 +10,28 @@ invocation then runs the same GRPO workload from it three times, each as a 2-DP-
 - frozen: rollout.spec=adaptive, drafter.online=false (the offline drafter, never trained again)
 - tlt:    rollout.spec=adaptive, drafter.online=true  (the same drafter, then spot training on idle ranks)
 Rollouts sample at temperature 1, as in RL. Rewards: the task's verifier plus 0.5 x the format reward (a
-final answer is stated), so the policy has a signal, and moves, even while it rarely solves a task. The first --skip steps of every run are left out of the means
-(the first rollouts also pay one-off costs). Per mode it prints means over the remaining steps of rank
-0's metrics.jsonl rows (rollout time: the slowest rank's), then the speedups of the means and the
-critical-path share of drafter training under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_time_s) over step time.
+final answer is stated), so the policy has a signal, and moves, even while it rarely solves a task.
 
-Speculative decoding is lossless in distribution, not in random draws: each mode samples other responses
-(and then trains on them), so a mode's steps may hold a longer or shorter tail by chance, and a step's
-rollout time follows its longest response. Besides the raw means, the bench therefore prints speeds
-that do not depend on the draw: rollout seconds per token of each step's longest response (the tail SD
-shortens) and step seconds per generated token.
+The workload is the regime TLT addresses: a few long responses (up to --max-new-tokens, near the model's
+1024-token context; p90/p50 ~5, the longest several times p90) hold the rollout, and the rollout holds
+about three quarters of the no-SD step (printed: its share). The held-out evaluations a run makes before
+and after RL (greedy, 4 prompts) are outside the measured steps.
 
-    python tools/bench/tlt.py            # CPU: ~4 min to train the models once (cached), then ~1-2 min per mode
-    python tools/bench/tlt.py --quick    # fewer, smaller RL steps
+The comparison is exact. Speculative decoding samples the very tokens plain decoding does (position-keyed
+noise, `rollout.sampling`), so the three runs roll out identical responses at every step and make
+identical policy updates: only the time differs. Every run saves its rollouts (`run.save_rollouts`), and
+the bench checks this per (step, prompt, sample): `identical rollouts across modes: X of Y sequences`,
+and the first step where any sequence differs, if one does.
+
+The first --skip steps of every run are left out of the means (the first rollouts also pay one-off
+costs). Per mode it prints means over the remaining steps of rank 0's metrics.jsonl rows (rollout time:
+the slowest rank's), then the speedups of the means and the critical-path share of drafter training
+under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_time_s) over step time.
+
+    python tools/bench/tlt.py            # CPU (2 cores): 4-13 min to train the models once (cached), then ~20 min:
+                                         # per mode ~1 min of start-up and evaluations, then 12 steps of ~35 s (no SD)
+                                         # or ~20 s (SD) with 8 prompts x 8 samples
+    python tools/bench/tlt.py --quick    # 3 steps of 4 prompts x 4 samples up to 256 tokens: a few minutes
     python tools/bench/tlt.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 --prompts 64   # on a GPU
 
 Ratios only on CPU: absolute times on a shared CPU are noisy, and a small model's decode step is
@@ -31,7 +40,7 @@ dominated by per-step overhead rather than by matmuls.
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +50,7 @@ from common import DRAFTER_DIR, POLICY_DIR, add_model_args, bench_config, traine
 
 from megatron_tlt.config import load_config  # noqa: E402
 from megatron_tlt.cli.demo import train_on_local_ranks  # noqa: E402
+from megatron_tlt.metrics import ROLLOUTS_DIR, read_jsonl  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
 
 MODES = {
@@ -57,24 +67,34 @@ def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
         f"run.dir={Path(a.out) / mode}", f"run.seed={a.seed}", "run.tensorboard=false", "run.eval_every=0",
         f"run.model_path={models_dir / POLICY_DIR}", f"drafter.path={models_dir / DRAFTER_DIR}",
         "run.sft_steps=0", "drafter.warmup_steps=0",
-        f"data.task={a.task}", f"data.num_examples={data.num_examples}", "data.eval_examples=16",
+        f"data.task={a.task}", f"data.num_examples={data.num_examples}", "data.eval_examples=4",
         f"data.max_prompt_tokens={data.max_prompt_tokens}", f"reward.fns=[{{name: {verifier}}}, {{name: format, weight: 0.5}}]", "reward.num_workers=0",
         f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "rollout.temperature=1.0",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
         f"optim.lr={a.lr}", f"drafter.lr={a.drafter_lr_online}", f"drafter.micro_batch_tokens={a.drafter_tokens}",
-        *MODES[mode][1],
+        "run.save_rollouts=true", *MODES[mode][1],
     ]
 
 
-def run_mode(a: argparse.Namespace, models_dir: Path, mode: str, ranks: int = 2) -> tuple[list[dict], float]:
+def run_mode(a: argparse.Namespace, models_dir: Path, mode: str, ranks: int = 2) -> tuple[list[dict], dict, float]:
+    """Rank 0's metrics rows, {(step, group, prompt, sample): response token ids} of every rank, and the wall time."""
     cfg = load_config(None, settings(a, models_dir, mode))
-    path = Path(cfg.run.dir) / "metrics.jsonl"
-    if path.exists():
-        path.unlink()  # a run dir from an earlier invocation: start clean (no resume)
+    run_dir = Path(cfg.run.dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run dir from an earlier invocation: start clean (no resume)
     t0 = time.perf_counter()
     train_on_local_ranks(cfg, ranks)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    responses = {
+        (r["step"], r["group"], r["prompt"], r["sample"]): r["response_ids"]
+        for path in sorted((run_dir / ROLLOUTS_DIR).glob("rank*.jsonl")) for r in read_jsonl(path)
+    }
+    return read_jsonl(run_dir / "metrics.jsonl"), responses, wall
+
+
+def identical(base: dict, other: dict) -> tuple[set, int | None]:
+    """The keys of `base` whose responses `other` repeats token for token, and the first step where one differs."""
+    same = {k for k, tokens in base.items() if other.get(k) == tokens}
+    return same, min((k[0] for k in base.keys() - same), default=None)
 
 
 def summarize(rows: list[dict], skip: int) -> dict[str, float]:
@@ -92,6 +112,7 @@ def summarize(rows: list[dict], skip: int) -> dict[str, float]:
     spec_steps = total("spec_row_steps")
     return {
         "steps": len(rows), "step": mean("step_time_s"), "rollout": mean("rollout_time_max_s"), "train": mean("train_time_s"),
+        "rollout_share": mean_of(lambda r: r["rollout_time_max_s"] / r["step_time_s"]),
         "accept": total("accepted_drafts") / spec_steps if spec_steps else float("nan"), "spec_row_steps": spec_steps,
         "drafter_steps": total("drafter_steps"), "drafter_s": total("drafter_train_time_s"),
         "recovered_s": total("idle_rank_s_recovered"), "idle_s": total("idle_rank_s"),
@@ -100,10 +121,6 @@ def summarize(rows: list[dict], skip: int) -> dict[str, float]:
         "reward": mean("reward_mean"),
         "tokens": mean_of(lambda r: r["num_samples"] * r["response_len_mean"]),  # generated per step
         "longest": mean("response_len_max"),
-        # speeds, comparable although each mode samples other responses: rollout seconds per token of the
-        # step's longest response (the tail that SD shortens), step seconds per generated token
-        "tail_s_per_token": mean_of(lambda r: r["rollout_time_max_s"] / r["response_len_max"]),
-        "step_s_per_token": mean_of(lambda r: r["step_time_s"] / (r["num_samples"] * r["response_len_mean"])),
     }
 
 
@@ -116,15 +133,18 @@ def main(argv=None) -> None:
     p.add_argument("--skip", type=int, default=1, help="first RL steps left out of the means")
     p.add_argument("--prompts", type=int, default=8, help="prompts per RL step (split over the 2 ranks)")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=880, help="response limit (prompts <= 128 tokens, context 1024)")
     p.add_argument("--max-spec-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4, help="policy learning rate (how fast the policy moves)")
     p.add_argument("--drafter-lr-online", type=float, default=3e-4)
     p.add_argument("--drafter-tokens", type=int, default=512, help="tokens per drafter step: the unit of preemption")
     p.add_argument("--modes", default="nosd,frozen,tlt")
     a = p.parse_args(argv)
+    room = bench_config(a).model.max_position_embeddings - bench_config(a).data.max_prompt_tokens
+    if a.max_new_tokens > room:
+        p.error(f"--max-new-tokens {a.max_new_tokens}: the model's context leaves at most {room} after the prompt")
     if a.quick:
-        a.steps, a.prompts = 4, 4
+        a.steps, a.prompts, a.n, a.max_new_tokens = 3, 4, 4, 256
     ps = init_parallel()
     models = trained_models(a, ps)
     destroy_parallel()
@@ -132,11 +152,11 @@ def main(argv=None) -> None:
     for line in models.report:
         print(f"[bench] {line}")
     modes = a.modes.split(",")
-    res = {}
+    res, responses = {}, {}
     for mode in modes:
-        rows, wall = run_mode(a, models_dir, mode)
+        rows, responses[mode], wall = run_mode(a, models_dir, mode)
         res[mode] = s = summarize(rows, a.skip)
-        print(f"[bench] {mode}: {len(rows)} RL steps in a {wall:.0f}s run (incl. warm-up); response length "
+        print(f"[bench] {mode}: {len(rows)} RL steps in a {wall:.0f}s run (incl. warm-up and the held-out evaluations); response length "
               f"p50 {s['p50']:.1f} p90 {s['p90']:.1f} max {s['max']:.0f} (p90/p50 {s['p90'] / max(s['p50'], 1):.2f})", flush=True)
     print(f"\nmeans over RL steps {a.skip}..{a.steps - 1} (2 DP ranks, {a.task}, hidden {a.hidden}, {a.layers} layers, "
           f"{a.prompts} prompts x {a.n} samples, max_new_tokens {a.max_new_tokens}, temperature 1)")
@@ -149,14 +169,19 @@ def main(argv=None) -> None:
               f"{s['reward']:>7.3f} {s['tokens']:>7.0f} {s['longest']:>8.0f}")
     if "nosd" in res:
         base = res["nosd"]
-        others = [(name, res[m]) for m, name in (("frozen", "frozen"), ("tlt", "TLT")) if m in res]
-        print("rollout speedup vs no-SD: " + ", ".join(f"{name} {base['rollout'] / s['rollout']:.2f}x" for name, s in others))
-        print("step speedup vs no-SD: " + ", ".join(f"{name} {base['step'] / s['step']:.2f}x" for name, s in others))
-        print("per token (each mode samples other responses; these compare speeds, not the draws): "
-              "tail speedup (rollout s per token of the longest response) "
-              + ", ".join(f"{name} {base['tail_s_per_token'] / s['tail_s_per_token']:.2f}x" for name, s in others)
-              + "; step speedup (step s per generated token) "
-              + ", ".join(f"{name} {base['step_s_per_token'] / s['step_s_per_token']:.2f}x" for name, s in others))
+        others = [(m, name) for m, name in (("frozen", "frozen"), ("tlt", "TLT")) if m in res]
+        print(f"rollout share of the no-SD step: {100 * base['rollout_share']:.0f}%")
+        if others:
+            print("rollout speedup vs no-SD: " + ", ".join(f"{name} {base['rollout'] / res[m]['rollout']:.2f}x" for m, name in others))
+            print("step speedup vs no-SD: " + ", ".join(f"{name} {base['step'] / res[m]['step']:.2f}x" for m, name in others))
+            compared = [(name, *identical(responses["nosd"], responses[m])) for m, name in others]
+            total = len(responses["nosd"])
+            same_all = set.intersection(*(same for _, same, _ in compared))
+            print(f"identical rollouts across modes: {len(same_all)} of {total} sequences ("
+                  + ", ".join(f"{name} {len(same)}/{total}" for name, same, _ in compared) + ")")
+            firsts = [(name, first) for name, _, first in compared if first is not None]
+            print("first step where a sequence differs: " + (f"{min(f for _, f in firsts)} (" + ", ".join(
+                f"{name} step {f}" for name, f in firsts) + ")" if firsts else "none"))
     if "tlt" in res:
         s = res["tlt"]
         print(f"drafter training on the critical path: {100 * s['after_stop'] / s['step']:.1f}% of step time "
