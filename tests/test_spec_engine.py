@@ -224,7 +224,7 @@ def test_cuda_graphs_equal_eager_on_gpu(model, spec):
 
 @torch.no_grad()
 def test_tree_levels_equal_dense_drafter_branches(model, drafters, monkeypatch):
-    """Every drafted node's cumulative score equals the one a dense drafter forward over its branch gives:
+    """Every drafted node's draft log-prob equals the one a dense drafter forward over its branch gives:
     committed (x_{t+1}, f_t) pairs, then the path's tokens, each fed with its parent's drafter output."""
     drafter, prompts = drafters["trained"], PROMPTS[1:3]
     trees = []
@@ -249,8 +249,9 @@ def test_tree_levels_equal_dense_drafter_branches(model, drafters, monkeypatch):
         for i in range(TREE.num_verify):
             parent = tree.parents[b, i].item()
             paths.append((paths[parent] if parent >= 0 else ()) + (tree.tokens[b, i].item(),))
-            logq = [drafter.compute_logits(output(paths[-1][:k])[None]).log_softmax(-1)[0, t] for k, t in enumerate(paths[-1])]
-            torch.testing.assert_close(tree.scores[b, i], torch.stack(logq).sum(), **TOL)
+            path = paths[-1]
+            logq = drafter.compute_logits(output(path[:-1])[None]).log_softmax(-1)[0, path[-1]]
+            torch.testing.assert_close(tree.draft_logprobs[b, i], logq, **TOL)
     assert tree.depth.max() >= 3  # nodes drafted from level-2 outputs, which saw level 1 through the cache
 
 
@@ -576,3 +577,37 @@ def test_cli_generate_with_a_drafter(model, drafters, tmp_path, capsys):
     expected = make_engine(model, max_seq_len=48).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=16))
     assert [r["token_ids"] for r in rows] == [c.token_ids for (c,) in expected]
     assert all({"spec_steps", "accepted_drafts", "mean_accept_len"} <= set(r["stats"]) for r in rows)
+    # sampled, top-k drafts: still plain decoding's samples (the CLI names request seeds by prompt index)
+    sampled = [a if a != "0" else "1.0" for a in base] + ["--seed", "3", "--n", "2", "--spec", "tree", "--drafts", "topk", "--drafter", str(drafter_dir)]
+    assert cli_main(sampled) == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, n=2, seed=3)
+    expected = make_engine(model, max_seq_len=48).generate(PROMPTS, params)
+    assert [r["token_ids"] for r in rows] == [c.token_ids for samples in expected for c in samples]
+
+
+@torch.no_grad()
+def test_batch_invariant_bf16_is_identical_to_plain_decoding_in_any_batch(model, drafters):
+    """bf16 attention kernels reduce by the call's shapes, so a position's logits differ in the last bits between
+    a decode and a verify forward or between batch sizes, and a near-tie of the noise can flip. With
+    batch_invariant=True the target's attention runs per query in fp32: SD and every batch size give the same
+    samples, bit for bit (hidden states too)."""
+    bf16 = Policy(CFG, tp_group=model.tp_group, init_weights=False).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    drafter = Drafter(bf16, init_weights=False).eval()
+    drafter.load_state_dict(drafters["trained"].state_dict(), strict=False)
+    drafter = drafter.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, CFG.vocab_size, (int(n),), generator=g).tolist() for n in torch.randint(2, 20, (12,), generator=g)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, n=2, seed=7)
+    plain = make_engine(bf16, return_hidden=True, batch_invariant=True).generate(prompts, params)
+    alone = make_engine(bf16, num_slots=1, return_hidden=True, batch_invariant=True).generate(prompts, params)
+    spec = _spec_engine(bf16, drafter, "tree", return_hidden=True, batch_invariant=True)
+    for other in (alone, spec.generate(prompts, params)):
+        for plain_samples, samples in zip(plain, other):
+            for p, s in zip(plain_samples, samples):
+                assert s.token_ids == p.token_ids and s.logprobs == p.logprobs
+                assert torch.equal(s.hidden_states, p.hidden_states)
+    assert spec.stats.accepted_drafts > 0

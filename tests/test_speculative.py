@@ -337,9 +337,10 @@ def test_coupled_children_come_first_then_the_drafter_s_next_best():
     logq = torch.tensor([[[-0.1, -2.0, -3.0, -4.0, -5.0]], [[-1.0, -0.5, -3.0, -0.2, -9.0]]])  # [B=2, M=1, V=5]
     builder = TreeBuilder(topk=3)
     frontier = builder.expand(logq, torch.tensor([[2], [3]]))
-    assert frontier.tokens.tolist() == [[0, 1, 2], [3, 1, 0]]  # frontier in score order; children distinct
+    assert frontier.tokens.tolist() == [[2, 0, 1], [3, 1, 0]]  # the coupled child first (score +0), children distinct
     tree = builder.finalize(3)
-    assert sorted(tree.tokens[0].tolist()) == [0, 1, 2] and sorted(tree.tokens[1].tolist()) == [0, 1, 3]
+    assert tree.tokens.tolist() == [[2, 0, 1], [3, 1, 0]]
+    torch.testing.assert_close(tree.scores, torch.tensor([[0.0, -0.1, -2.0], [0.0, -0.5, -1.0]]))
     torch.testing.assert_close(tree.draft_logprobs, logq[:, 0].gather(1, tree.tokens))
 
 

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="jsonl written with one row per sample")
     g.add_argument("--drafter", default=None, help="drafter checkpoint for speculative decoding")
     g.add_argument("--spec", choices=["off", "chain", "tree", "adaptive"], default="off", help="speculative decoding mode")
+    g.add_argument("--drafts", choices=["coupled", "topk"], default="coupled",
+                   help="SD drafts: first children under the target's position noise (coupled), or the drafter's top-k")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="attention per query in fp32: bf16 samples identical whatever the batch or SD (slower)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)

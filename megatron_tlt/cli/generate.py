@@ -15,8 +15,10 @@ mean_accept_len, the accepted draft tokens per speculative step). Generation sto
 eos token and at the eos ids of generation_config.json when the model directory has one.
 
 Speculative decoding (`--spec chain|tree|adaptive`) needs `--drafter`, a drafter directory written by
-`megatron-tlt train-drafter` (`drafter.io.save_drafter`); it changes the speed, never the
-distribution sampled from.
+`megatron-tlt train-drafter` (`drafter.io.save_drafter`); it changes the speed, never the tokens: with
+the same --seed, a prompt's samples are the same with or without it (exact-sample verification), in
+any batch. `--drafts topk` drafts the drafter's most likely tokens instead of its samples under the
+target's noise (coupled, the default: more accepted at temperature > 0).
 """
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ def run_generate(args) -> int:
     try:
         engine = RolloutEngine(
             model, max_seq_len=args.max_seq_len, cache_budget_bytes=int(args.kv_cache_gb * 2**30), drafter=drafter, spec=args.spec,
-            cuda_graphs=args.cuda_graphs,
+            cuda_graphs=args.cuda_graphs, drafts=args.drafts, batch_invariant=args.batch_invariant,
         )
     except ValueError as e:  # max_seq_len out of range, or the budget is below one slot
         raise UserError(str(e)) from None

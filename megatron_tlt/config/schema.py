@@ -22,6 +22,7 @@ ROPE_TYPES = ("llama3",)  # rope_scaling types; no scaling is rope_scaling: null
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_segments")  # ops.attention.BACKENDS + auto
 PARALLEL_BACKENDS = ("auto", "nccl", "gloo")
 SPEC_MODES = ("off", "chain", "tree", "adaptive")  # rollout.engine.SPEC_MODES
+DRAFT_MODES = ("coupled", "topk")  # rollout.engine.DRAFT_MODES
 CUDA_GRAPH_MODES = ("auto", "off", "eager", "capture")  # rollout.cuda_graphs.GRAPH_MODES + auto
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")  # rl.algorithms.ADVANTAGES
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # rl.algorithms.AGGREGATIONS
@@ -195,6 +196,13 @@ class RolloutConfig:
     kv_cache_gb: float = 1.0  # KV-cache budget per rank
     spec: str = "off"  # off | chain | tree | adaptive (speculative decoding with the drafter)
     max_spec_batch: int = 32  # adaptive: live batches above this decode plainly
+    # SD drafts: coupled = each node's first child is the drafter's sample under the target's position noise
+    # (accepted far more often at temperature > 0); topk = the drafter's most likely tokens. Either way the
+    # rollout's tokens are plain decoding's (exact-sample verification).
+    drafts: str = "coupled"
+    # the target's attention per query in fp32: a position's logits are bit-identical whatever the batch, the
+    # padding or the verify shape, so reduced-precision rollouts (bf16) are the same with SD on or off; slower
+    batch_invariant: bool = False
     cuda_graphs: str = "auto"  # auto (capture on GPU) | off | eager (static shapes, no capture) | capture
     # TP degree of the rollout layout: each rollout replica holds the whole model (no pipeline stages), rollout
     # DP = world / this. None = the training TP. With training PP > 1 (or another TP) the weights are resharded
@@ -207,6 +215,7 @@ class RolloutConfig:
             check_range("rollout.tensor_parallel_size", self.tensor_parallel_size, ge=1, integer=True)
         self.spec, self.cuda_graphs = _yaml_off(self.spec), _yaml_off(self.cuda_graphs)
         check_choice("rollout.spec", self.spec, SPEC_MODES)
+        check_choice("rollout.drafts", self.drafts, DRAFT_MODES)
         check_choice("rollout.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         check_range("rollout.n", self.n, ge=1, integer=True)
         check_range("rollout.temperature", self.temperature, ge=0)  # 0 = greedy

@@ -84,6 +84,7 @@ class CacheBatch:
     # [B, S, E+S] bool: among the E entries before start (E = 0 usually) and the new tokens; None = causal.
     # See `ops.attention.cache_attention_mask`.
     new_mask: Optional[torch.Tensor] = None
+    invariant: bool = False  # attention per query (`ops.attention.cached_attention`): logits independent of the call's shapes
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_new/v_new: [B, S, Hkv, D] -> cached rows [B, kv_len, Hkv, D] including them."""

@@ -121,7 +121,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_all, v_all = cache.write(self.cache_index, k, v)  # [B, kv_len, Hkv, D]
-            o = cached_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), cache_mask, self.scale)
+            o = cached_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), cache_mask, self.scale, cache.invariant)
         elif self.recompute and torch.is_grad_enabled():
             o = checkpoint(self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
         else:

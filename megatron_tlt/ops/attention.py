@@ -153,8 +153,33 @@ def cached_attention(
     v: torch.Tensor,  # [B, kv_len, Hkv, D]
     mask: torch.Tensor,  # [B, S, kv_len] bool from cache_attention_mask
     scale: float,
+    invariant: bool = False,  # see `_per_query_attention`
 ) -> torch.Tensor:  # [B, S, Hq, D]
+    if invariant:
+        return _per_query_attention(q, k, v, mask, scale)
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True
     )
     return o.transpose(1, 2)
+
+
+def _per_query_attention(q, k, v, mask, scale) -> torch.Tensor:
+    """`cached_attention` whose every output row is bit-identical whatever else is in the call: other rows,
+    other queries of the row (a decode's one token or a verify's 1 + N), the batch-wide kv_len padding.
+
+    Why: SDPA's kernels (the fused CPU one in bf16 above all) block their reductions by the call's shapes, so
+    a position's logits differ in the last bits between a decode and a verify forward, or between batch sizes,
+    and a near-tie of the sampling noise can flip (measured: 19% of bf16 sequences). Here each query runs
+    alone in fp32 (scores, masked softmax, weighted sum; masked keys add exact zeros), then rounds to q's dtype.
+    """
+    B, S, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    keys = k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, kv_len, D]
+    values = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    queries = q.float().transpose(1, 2)  # [B, Hq, S, D]
+    out = []
+    for i in range(S):
+        scores = (queries[:, :, i : i + 1] @ keys.transpose(-1, -2)) * scale  # [B, Hq, 1, kv_len]
+        probs = scores.masked_fill(~mask[:, i : i + 1].unsqueeze(1), float("-inf")).softmax(dim=-1)
+        out.append(probs @ values)  # [B, Hq, 1, D]
+    return torch.cat(out, dim=2).transpose(1, 2).to(q.dtype)

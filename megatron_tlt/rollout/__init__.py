@@ -10,12 +10,12 @@ tree maths, drafting and verification, the draft-shape selector).
 
 Code outside `rollout/` imports from here only.
 """
-from megatron_tlt.rollout.engine import DEFAULT_SHAPES, SPEC_MODES, RolloutEngine
+from megatron_tlt.rollout.engine import DEFAULT_SHAPES, DRAFT_MODES, SPEC_MODES, RolloutEngine
 from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
 from megatron_tlt.rollout.spec.selector import DraftSelector, DraftShape
 from megatron_tlt.rollout.types import Completion, DecodeRows, StepOutput
 
 __all__ = [
-    "DEFAULT_SHAPES", "SPEC_MODES", "Completion", "DecodeRows", "DraftSelector", "DraftShape", "RolloutEngine",
+    "DEFAULT_SHAPES", "DRAFT_MODES", "SPEC_MODES", "Completion", "DecodeRows", "DraftSelector", "DraftShape", "RolloutEngine",
     "SamplingParams", "StepOutput", "sample", "target_logprobs",
 ]

@@ -51,6 +51,7 @@ class ModelCalls:
         max_batch: Optional[int],  # at most this many slots; None: as many as fit
         dtype: Optional[torch.dtype],  # KV-cache dtype; None: the model's
         cuda_graphs: str,  # "off" | "eager" | "capture" (see cuda_graphs.py) | "auto": capture on CUDA, else off
+        batch_invariant: bool = False,  # the target's attention per query: its logits independent of the call's shapes
     ):
         if not (model.pre_process and model.post_process):
             raise NotImplementedError("the rollout engine needs the whole model on one rank (no pipeline stages)")
@@ -60,7 +61,7 @@ class ModelCalls:
         if not 1 < max_seq_len <= window:
             raise ValueError(f"max_seq_len must be in [2, {window}] (the model's context window), got {max_seq_len}")
         param = next(model.parameters())
-        self.model = model
+        self.model, self.batch_invariant = model, batch_invariant
         self.device, self.hidden_dtype = param.device, param.dtype
         self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
         self.max_seq_len = max_seq_len
@@ -89,7 +90,7 @@ class ModelCalls:
     # ---- the target ----
     def prefill(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens [R, W] right-padded, cached from position 0 of slots [R] -> final hidden states [R, W, H]."""
-        cache = CacheBatch(self.cache, slots, torch.zeros_like(slots), kv_len=tokens.shape[1])
+        cache = CacheBatch(self.cache, slots, torch.zeros_like(slots), kv_len=tokens.shape[1], invariant=self.batch_invariant)
         return self.model.hidden_states(tokens, cache=cache)
 
     def decode(
@@ -109,7 +110,7 @@ class ModelCalls:
 
     def _target_step(self, name: str, inputs: dict, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         def fn(x: dict, kv: int) -> torch.Tensor:
-            cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x.get("tree_mask"))
+            cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x.get("tree_mask"), invariant=self.batch_invariant)
             return self.model.hidden_states(x["tokens"], position_ids=x["positions"], cache=cache)
 
         hidden = self.static_calls(name, fn, inputs, kv_len, self.max_seq_len)  # [B, S, H]

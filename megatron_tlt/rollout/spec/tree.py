@@ -67,7 +67,7 @@ class DraftTree:
     parents: torch.Tensor  # [B, N] int64 node index of the parent, -1 = the root
     depth: torch.Tensor  # [B, N] int64, 1 = child of the root
     draft_logprobs: torch.Tensor  # [B, N] fp32 log q(token) under the drafter's distribution at the parent
-    scores: torch.Tensor  # [B, N] fp32 cumulative draft log-prob of the path root -> node (non-increasing)
+    scores: torch.Tensor  # [B, N] fp32 cumulative draft log-prob of the path root -> node, coupled children adding 0 (non-increasing)
     tree_mask: torch.Tensor  # [B, 1+N, 1+N] bool over [root, nodes]: a row sees itself and its ancestors
     position_offsets: torch.Tensor  # [B, 1+N] int64 depth of each verify row (root 0): position = start + offset
     max_depth: int  # host bound on depth (loop count of verification)
@@ -95,7 +95,10 @@ class TreeBuilder:
     before its children (parents join the pool first): the best N are ancestor-closed, ties included.
 
     With `coupled` tokens (the drafter's own sample at each frontier node under the target's noise for that
-    position), every node's first child is that token and the others are its next most likely ones.
+    position), every node's first child is that token and the others are its next most likely ones. The
+    coupled child keeps its parent's score: were the drafter exact, it would be the target's sample for
+    sure (and the others never), so the coupled chain is kept whole and the other children, scored by
+    their log q as usual, hedge the drafter's errors.
     """
 
     def __init__(self, topk: int, frontier_size: Optional[int] = None):
@@ -121,17 +124,19 @@ class TreeBuilder:
         k = min(self.topk, V)
         if coupled is None:
             child_logq, child_tokens = logq.topk(k, dim=-1)  # [B, M, k]
+            gain = child_logq
         else:
             first = coupled[..., None]  # [B, M, 1]
             rest = logq.scatter(2, first, float("-inf")).topk(k - 1, dim=-1).indices  # [B, M, k-1] distinct from it
             child_tokens = torch.cat([first, rest], dim=2)  # [B, M, k]
             child_logq = logq.gather(2, child_tokens)
+            gain = torch.cat([torch.zeros_like(child_logq[..., :1]), child_logq[..., 1:]], dim=2)  # the coupled child: 0
         if self._frontier_index is None:
             parent_index = torch.full((B, 1), -1, dtype=torch.long, device=device)  # [B, 1]
             parent_scores = torch.zeros(B, 1, device=device)  # [B, 1]
         else:
             parent_index, parent_scores = self._frontier_index, self._frontier_scores
-        scores = (parent_scores.unsqueeze(-1) + child_logq).flatten(1)  # [B, M*k]
+        scores = (parent_scores.unsqueeze(-1) + gain).flatten(1)  # [B, M*k]
         level = dict(
             tokens=child_tokens.flatten(1),  # [B, M*k]
             parents=parent_index.repeat_interleave(k, dim=1),  # [B, M*k] pool index, -1 = root
