@@ -9,8 +9,8 @@ rollout temperature, as in RL) and the drafter is trained offline on those sampl
 neither model has seen.
 
 The result is saved under --cache-dir (a megatron_tlt checkpoint with the tokenizer, and a drafter
-directory) in a folder named by a hash of every option that shapes it, so a rerun with the same
-options loads it in seconds. Delete the folder after changing the model code.
+directory) in a folder named by a hash of the model and data configs and the warm-up options, so a rerun
+with the same options loads it in seconds. Delete the folder after changing the model or warm-up code.
 
     add_model_args(parser)                     # the options below
     models = trained_models(args, ps)          # TrainedModels: policy, drafter, tokenizer, prompts
@@ -37,7 +37,7 @@ from megatron_tlt.checkpoint.loading import load_model
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import set_seed
 from megatron_tlt.parallel.state import ParallelState
-from megatron_tlt.step.setup import build_datasets, build_engine, build_tokenizer
+from megatron_tlt.step.setup import build_datasets, build_engine, build_rollout_weights, build_tokenizer
 from megatron_tlt.step.warmup import warm_up
 
 POLICY_DIR, DRAFTER_DIR = "policy", "drafter"
@@ -91,8 +91,15 @@ def bench_config(args) -> Config:
     )
 
 
+# The options besides the model and data configs that shape the trained models (the cache key hashes only
+# these, so config fields the warm-up does not read leave the cache valid).
+WARM_UP_OPTIONS = ("sft_steps", "sft_batch", "sft_lr", "drafter_prompts", "drafter_steps", "drafter_lr", "sample_max_new_tokens", "seed")
+
+
 def _cache_dir(args, cfg: Config) -> Path:
-    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    shaping = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+               "warm_up": {name: getattr(args, name) for name in WARM_UP_OPTIONS}}
+    key = json.dumps(shaping, sort_keys=True, default=str)
     return Path(args.cache_dir) / f"{args.task}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}"
 
 
@@ -119,7 +126,7 @@ def _train_and_save(cfg: Config, ps: ParallelState, tokenizer, tokenizer_dir: Pa
     logger.setLevel(logging.INFO)
     start = time.perf_counter()
     try:
-        warm_up(cfg, policy, drafter, engine, tokenizer, train, ps)
+        warm_up(cfg, policy, build_rollout_weights(cfg, policy, ps), drafter, engine, tokenizer, train, ps)
     finally:
         logger.removeHandler(lines)
     report = [*lines.lines, f"policy and drafter trained in {time.perf_counter() - start:.0f} s"]

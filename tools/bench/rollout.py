@@ -20,8 +20,11 @@ Timing: one warm-up generate per engine (it also gives the adaptive selector its
 its state carries on, as it does across RL steps), then --iters rounds with the modes alternating;
 a mode's tokens/s is its best round (the fastest wall time, prefill included; this discounts other
 load on a shared machine). "accept" is the draft tokens accepted per row per speculative step (each
-such step also emits one target token). Greedy speculative outputs are checked against plain ones
-(lossless). Then the same for sampling at temperature 1 at B = --sampled-batch.
+such step also emits one target token). Then the same for sampling at --temperatures (1 and 0.6) at
+B = --sampled-batch, every SD mode twice: with coupled drafts (the engine's default: each node's first
+child is the drafter's sample under the target's position noise) and with the drafter's top-k tokens
+("/topk"). Speculative decoding is exact-sample, so every mode must emit plain decoding's tokens: each
+section prints how many sequences are identical to plain decoding's (the last round's, token for token).
 
 GPU section (only with CUDA): the same model through `transformers` `generate` (greedy, same prompts,
 batches of B, left-padded), and batch-1 decode time per token against the HBM-bandwidth roofline:
@@ -51,7 +54,8 @@ from megatron_tlt.config.schema import DTYPES  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
 from megatron_tlt.rollout import DraftSelector, DraftShape, RolloutEngine, SamplingParams  # noqa: E402
 
-MODES = ("plain", "chain", "tree", "adaptive")
+MODES = ("plain", "chain", "tree", "adaptive")  # SD modes draft coupled (the engine's default)
+SAMPLED_MODES = MODES + tuple(f"{m}/topk" for m in MODES[1:])  # and with the drafter's top-k tokens
 
 
 @dataclass
@@ -69,20 +73,24 @@ class ModeResult:
 
 
 def make_engine(models, mode: str, batch: int, max_seq_len: int, args) -> RolloutEngine:
+    """mode: "plain", or "chain" / "tree" / "adaptive", optionally suffixed "/topk" (top-k drafts; default coupled)."""
+    spec, _, drafts = mode.partition("/")
     shapes = {"chain": DraftShape.chain(args.chain_depth), "tree": DraftShape(args.tree_depth, args.tree_topk, args.tree_verify)}
     kw = {}
-    if mode in shapes:
-        kw = dict(drafter=models.drafter, spec=mode, draft_shape=shapes[mode])
-    elif mode == "adaptive":
+    if spec in shapes:
+        kw = dict(drafter=models.drafter, spec=spec, draft_shape=shapes[spec])
+    elif spec == "adaptive":
         selector = DraftSelector(list(shapes.values()), max_spec_batch=args.max_spec_batch, seed=args.seed)
         kw = dict(drafter=models.drafter, spec="adaptive", selector=selector)
-    return RolloutEngine(models.policy, max_seq_len=max_seq_len, max_batch=batch, **kw)
+    return RolloutEngine(models.policy, max_seq_len=max_seq_len, max_batch=batch, drafts=drafts or "coupled", **kw)
 
 
-def bench_batch(models, prompts: list[list[int]], batch: int, params: SamplingParams, max_seq_len: int, args) -> dict[str, ModeResult]:
+def bench_batch(
+    models, prompts: list[list[int]], batch: int, params: SamplingParams, max_seq_len: int, args, modes=MODES
+) -> dict[str, ModeResult]:
     """Every mode over the same prompts with `batch` slots: a warm-up, then --iters alternating rounds."""
-    engines = {mode: make_engine(models, mode, batch, max_seq_len, args) for mode in MODES}
-    results = {mode: ModeResult() for mode in MODES}
+    engines = {mode: make_engine(models, mode, batch, max_seq_len, args) for mode in modes}
+    results = {mode: ModeResult() for mode in modes}
     for engine in engines.values():
         engine.generate(prompts, params)
     for _ in range(args.iters):
@@ -104,16 +112,18 @@ def print_rows(label: str, batch: int, results: dict[str, ModeResult]) -> None:
     for mode, r in results.items():
         live = sum(r.live_rows) / max(len(r.live_rows), 1)
         accept = f"{r.accept_len:6.2f}" if mode != "plain" else "     -"
-        print(f"{label:>7} B={batch:<3} {mode:>8}: {r.tokens_per_s:8.1f} tokens/s  accept {accept}  "
+        print(f"{label:>7} B={batch:<3} {mode:>13}: {r.tokens_per_s:8.1f} tokens/s  accept {accept}  "
               f"{r.tokens_per_s / plain:5.2f}x plain  (live {live:5.1f})")
 
 
-def lossless_note(results: dict[str, ModeResult]) -> str:
+def identical_note(results: dict[str, ModeResult]) -> str:
+    """How many sequences of each SD mode's last round are plain decoding's, token for token."""
     plain = results["plain"].outputs
-    diffs = {mode: sum(a != b for a, b in zip(r.outputs, plain)) for mode, r in results.items() if mode != "plain"}
-    if not any(diffs.values()):
-        return f"identical to plain for all {len(plain)} prompts"
-    return "differ from plain: " + ", ".join(f"{mode} {n}/{len(plain)}" for mode, n in diffs.items())
+    same = {mode: sum(a == b for a, b in zip(r.outputs, plain)) for mode, r in results.items() if mode != "plain"}
+    total = len(plain) * len(same)
+    note = f"identical to plain decoding: {sum(same.values())} of {total} sequences"
+    differ = [f"{mode} {len(plain) - n}/{len(plain)}" for mode, n in same.items() if n < len(plain)]
+    return note + (f" (differ: {', '.join(differ)})" if differ else "")
 
 
 def arm_summary(arms: dict[int, Counter]) -> str:
@@ -216,7 +226,8 @@ def main() -> None:
     p.add_argument("--tree-topk", type=int, default=4)
     p.add_argument("--tree-verify", type=int, default=12)
     p.add_argument("--max-spec-batch", type=int, default=32, help="adaptive: live batches above this decode plainly")
-    p.add_argument("--sampled-batch", type=int, default=4, help="live batch size of the temperature-1 rows (0: skip them)")
+    p.add_argument("--sampled-batch", type=int, default=4, help="live batch size of the sampled rows (0: skip them)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.6], help="of the sampled rows")
     p.add_argument("--iters", type=int, default=5, help="timed rounds per mode after a warm-up; the best counts")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the benchmarked models (trained in float32)")
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="bytes/s of the GPU's HBM (H100 SXM: 3.35e12)")
@@ -250,12 +261,16 @@ def main() -> None:
         results = bench_batch(models, prompts_for(batch), batch, greedy, max_seq_len, args)
         results_by_batch[batch] = results
         print_rows("greedy", batch, results)
-        print(f"        outputs: {lossless_note(results)}; {time.perf_counter() - t0:.0f} s")
-    sampled = None
-    if args.sampled_batch:
-        params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, stop_token_ids=eos, seed=args.seed)
-        sampled = bench_batch(models, prompts_for(args.sampled_batch), args.sampled_batch, params, max_seq_len, args)
-        print_rows("temp 1", args.sampled_batch, sampled)
+        print(f"        outputs: {identical_note(results)}; {time.perf_counter() - t0:.0f} s")
+    sampled = {}
+    for temperature in args.temperatures if args.sampled_batch else []:
+        t0 = time.perf_counter()
+        params = SamplingParams(temperature=temperature, max_new_tokens=args.max_new_tokens, stop_token_ids=eos, seed=args.seed)
+        sampled[temperature] = results = bench_batch(
+            models, prompts_for(args.sampled_batch), args.sampled_batch, params, max_seq_len, args, SAMPLED_MODES
+        )
+        print_rows(f"temp {temperature:g}", args.sampled_batch, results)
+        print(f"        outputs: {identical_note(results)}; {time.perf_counter() - t0:.0f} s")
 
     print("adaptive selector, decode steps per live-batch bucket (timed rounds):")
     for batch, results in results_by_batch.items():
@@ -270,8 +285,11 @@ def main() -> None:
         print(f"SD/plain at B<=4 (worst of B={', '.join(map(str, small))}): {worst}  (target: >= 2x)")
     worst_b = min(results_by_batch, key=lambda b: ratio(results_by_batch[b], "adaptive"))
     print(f"adaptive/plain worst case over B: {ratio(results_by_batch[worst_b], 'adaptive'):.2f}x at B={worst_b}  (target: >= 1x)")
-    if sampled is not None:
-        print(f"temperature 1 at B={args.sampled_batch}: " + ", ".join(f"{m} {ratio(sampled, m):.2f}x" for m in MODES[1:]))
+    for temperature, results in sampled.items():
+        print(f"temperature {temperature:g} at B={args.sampled_batch}, coupled vs top-k drafts: " + "; ".join(
+            f"{m} accept {results[m].accept_len:.2f} vs {results[m + '/topk'].accept_len:.2f}, "
+            f"{ratio(results, m):.2f}x vs {ratio(results, m + '/topk'):.2f}x plain" for m in MODES[1:]
+        ))
 
     if torch.cuda.is_available():
         gpu_section(models, prompts_for, results_by_batch, max_seq_len, args)
