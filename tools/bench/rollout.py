@@ -25,6 +25,9 @@ B = --sampled-batch, every SD mode twice: with coupled drafts (the engine's defa
 child is the drafter's sample under the target's position noise) and with the drafter's top-k tokens
 ("/topk"). Speculative decoding is exact-sample, so every mode must emit plain decoding's tokens: each
 section prints how many sequences are identical to plain decoding's (the last round's, token for token).
+--invariant-check adds plain and adaptive with `rollout.batch_invariant` (attention per query in fp32) at
+temperature 1: its cost, and the identical sequences with and without it (in --dtype bfloat16, where
+the logits' last bits depend on the call's shapes).
 
 GPU section (only with CUDA): the same model through `transformers` `generate` (greedy, same prompts,
 batches of B, left-padded), and batch-1 decode time per token against the HBM-bandwidth roofline:
@@ -73,8 +76,9 @@ class ModeResult:
 
 
 def make_engine(models, mode: str, batch: int, max_seq_len: int, args) -> RolloutEngine:
-    """mode: "plain", or "chain" / "tree" / "adaptive", optionally suffixed "/topk" (top-k drafts; default coupled)."""
-    spec, _, drafts = mode.partition("/")
+    """mode: "plain", or "chain" / "tree" / "adaptive", optionally suffixed "/topk" (top-k drafts; default coupled)
+    or "/invariant" (rollout.batch_invariant)."""
+    spec, *flags = mode.split("/")
     shapes = {"chain": DraftShape.chain(args.chain_depth), "tree": DraftShape(args.tree_depth, args.tree_topk, args.tree_verify)}
     kw = {}
     if spec in shapes:
@@ -82,7 +86,10 @@ def make_engine(models, mode: str, batch: int, max_seq_len: int, args) -> Rollou
     elif spec == "adaptive":
         selector = DraftSelector(list(shapes.values()), max_spec_batch=args.max_spec_batch, seed=args.seed)
         kw = dict(drafter=models.drafter, spec="adaptive", selector=selector)
-    return RolloutEngine(models.policy, max_seq_len=max_seq_len, max_batch=batch, drafts=drafts or "coupled", **kw)
+    return RolloutEngine(
+        models.policy, max_seq_len=max_seq_len, max_batch=batch, drafts="topk" if "topk" in flags else "coupled",
+        batch_invariant="invariant" in flags, **kw,
+    )
 
 
 def bench_batch(
@@ -134,6 +141,23 @@ def arm_summary(arms: dict[int, Counter]) -> str:
         choice = " ".join(f"{name} {100 * n / total:.0f}%" for name, n in counts.most_common())
         parts.append(f"[<= {bucket}: {choice}; {total} steps]")
     return " ".join(parts)
+
+
+def invariant_section(models, prompts, max_seq_len: int, eos, args) -> None:
+    """plain and adaptive at temperature 1, with and without rollout.batch_invariant: its cost, and whether SD
+    still emits plain decoding's tokens in this dtype (reduced precision is where the logits' last bits differ
+    between a decode and a verify forward)."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, stop_token_ids=eos, seed=args.seed)
+    modes = ("plain", "adaptive", "plain/invariant", "adaptive/invariant")
+    results = bench_batch(models, prompts, args.sampled_batch, params, max_seq_len, args, modes)
+    print_rows("temp 1", args.sampled_batch, results)
+    same = {flag: sum(a == b for a, b in zip(results[f"adaptive{flag}"].outputs, results[f"plain{flag}"].outputs)) for flag in ("", "/invariant")}
+    n = len(prompts)
+    print(f"batch_invariant ({args.dtype}, temperature 1, B={args.sampled_batch}): plain {results['plain/invariant'].tokens_per_s:.1f} "
+          f"vs {results['plain'].tokens_per_s:.1f} tokens/s ({results['plain/invariant'].tokens_per_s / results['plain'].tokens_per_s:.2f}x), "
+          f"adaptive {results['adaptive/invariant'].tokens_per_s:.1f} vs {results['adaptive'].tokens_per_s:.1f} tokens/s "
+          f"({results['adaptive/invariant'].tokens_per_s / results['adaptive'].tokens_per_s:.2f}x); adaptive identical to plain: "
+          f"{same['/invariant']} of {n} sequences with it, {same['']} of {n} without")
 
 
 # ---- GPU section ----
@@ -221,13 +245,15 @@ def main() -> None:
     p.add_argument("--prompts-per-slot", type=int, default=2, help="prompts per KV slot: queued prompts keep the batch live")
     p.add_argument("--min-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--chain-depth", type=int, default=4)
+    p.add_argument("--chain-depth", type=int, default=8)
     p.add_argument("--tree-depth", type=int, default=4)
     p.add_argument("--tree-topk", type=int, default=4)
     p.add_argument("--tree-verify", type=int, default=12)
     p.add_argument("--max-spec-batch", type=int, default=32, help="adaptive: live batches above this decode plainly")
     p.add_argument("--sampled-batch", type=int, default=4, help="live batch size of the sampled rows (0: skip them)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.6], help="of the sampled rows")
+    p.add_argument("--invariant-check", action="store_true",
+                   help="also time plain and adaptive with rollout.batch_invariant at temperature 1 (use with --dtype bfloat16)")
     p.add_argument("--iters", type=int, default=5, help="timed rounds per mode after a warm-up; the best counts")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the benchmarked models (trained in float32)")
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="bytes/s of the GPU's HBM (H100 SXM: 3.35e12)")
@@ -290,6 +316,9 @@ def main() -> None:
             f"{m} accept {results[m].accept_len:.2f} vs {results[m + '/topk'].accept_len:.2f}, "
             f"{ratio(results, m):.2f}x vs {ratio(results, m + '/topk'):.2f}x plain" for m in MODES[1:]
         ))
+
+    if args.invariant_check:
+        invariant_section(models, prompts_for(args.sampled_batch), max_seq_len, eos, args)
 
     if torch.cuda.is_available():
         gpu_section(models, prompts_for, results_by_batch, max_seq_len, args)

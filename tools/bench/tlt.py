@@ -18,7 +18,7 @@ about three quarters of the no-SD step (printed: its share). The held-out evalua
 and after RL (greedy, 4 prompts) are outside the measured steps.
 
 The comparison is exact. Speculative decoding samples the very tokens plain decoding does (position-keyed
-noise, `rollout.sampling`), so the three runs roll out identical responses at every step and make
+noise, rollout/sampling.py), so the three runs roll out identical responses at every step and make
 identical policy updates: only the time differs. Every run saves its rollouts (`run.save_rollouts`), and
 the bench checks this per (step, prompt, sample): `identical rollouts across modes: X of Y sequences`,
 and the first step where any sequence differs, if one does.
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/bench_tlt")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip", type=int, default=1, help="first RL steps left out of the means")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per RL step (split over the 2 ranks)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per RL step (split over the 2 ranks)")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=880, help="response limit (prompts <= 128 tokens, context 1024)")
     p.add_argument("--max-spec-batch", type=int, default=32)
