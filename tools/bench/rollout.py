@@ -118,7 +118,7 @@ def print_rows(label: str, batch: int, results: dict[str, ModeResult]) -> None:
     plain = results["plain"].tokens_per_s
     for mode, r in results.items():
         live = sum(r.live_rows) / max(len(r.live_rows), 1)
-        accept = f"{r.accept_len:6.2f}" if mode != "plain" else "     -"
+        accept = f"{r.accept_len:6.2f}" if not mode.startswith("plain") else "     -"
         print(f"{label:>7} B={batch:<3} {mode:>13}: {r.tokens_per_s:8.1f} tokens/s  accept {accept}  "
               f"{r.tokens_per_s / plain:5.2f}x plain  (live {live:5.1f})")
 

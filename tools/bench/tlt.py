@@ -28,9 +28,9 @@ costs). Per mode it prints means over the remaining steps of rank 0's metrics.js
 the slowest rank's), then the speedups of the means and the critical-path share of drafter training
 under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_time_s) over step time.
 
-    python tools/bench/tlt.py            # CPU (2 cores): 4-13 min to train the models once (cached), then ~20 min:
-                                         # per mode ~1 min of start-up and evaluations, then 12 steps of ~35 s (no SD)
-                                         # or ~20 s (SD) with 8 prompts x 8 samples
+    python tools/bench/tlt.py            # CPU (2 cores): 4-13 min to train the models once (cached), then ~9 min:
+                                         # per mode ~1 min of start-up and evaluations, then 12 steps of ~16 s (no SD)
+                                         # or ~8 s (SD) with 4 prompts x 8 samples
     python tools/bench/tlt.py --quick    # 3 steps of 4 prompts x 4 samples up to 256 tokens: a few minutes
     python tools/bench/tlt.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 --prompts 64   # on a GPU
 
