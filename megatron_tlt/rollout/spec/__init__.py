@@ -1,6 +1,7 @@
-"""Speculative decoding for the rollout engine: a drafter proposes tokens, the target verifies them losslessly.
+"""Speculative decoding for the rollout engine: a drafter proposes tokens, the target verifies them so that
+the emitted tokens are exactly plain decoding's samples.
 
-- `tree.py`: the maths, pure tensor functions: EAGLE-2 draft trees (`TreeBuilder`), lossless
+- `tree.py`: the maths, pure tensor functions: EAGLE-2 draft trees (`TreeBuilder`), exact-sample
   verification of chains and trees (`verify`), which verified K/V to keep (`kv_keep_index`);
 - `drafting.py`: one speculative decode step over the live rows: the drafter kept fed without
   re-prefill (`DrafterState`), drafting (`draft_tree`), one-forward verification (`verify_tree`);

@@ -4,7 +4,7 @@ What: `DrafterState` keeps an EAGLE drafter (`drafter.model.Drafter`) in step wi
 without ever re-prefilling the target; `draft_tree` grows a chain or an EAGLE-2 tree from it;
 `verify_tree` checks the whole tree in one target forward over the KV cache and keeps the accepted
 K/V; `speculative_step` strings them together into one decode step, the engine's `spec_step`. The
-maths (tree building, lossless acceptance, which K/V to keep) live in `tree.py`; every model call goes
+maths (tree building, exact-sample acceptance, which K/V to keep) live in `tree.py`; every model call goes
 through `model_calls.ModelCalls`, which also holds the drafter's KV cache.
 
 Drafter alignment (see `drafter/model.py`): drafter position t consumes (x_{t+1}, f_t), f_t being
@@ -202,7 +202,7 @@ def draft_tree(
 def verify_tree(
     calls: "ModelCalls", rows: DecodeRows, params: SamplingParams, tree: DraftTree
 ) -> tuple[VerifyResult, torch.Tensor]:
-    """One target forward over [root, nodes] with the tree mask (positions L + depth), lossless
+    """One target forward over [root, nodes] with the tree mask (positions L + depth), exact-sample
     verification, and the accepted K/V moved next to the committed ones.
 
     Returns the VerifyResult and hidden [B, D+1, H]: the target's final hidden state at the position
