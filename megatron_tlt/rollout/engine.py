@@ -41,7 +41,7 @@ of their outputs. Speculative steps add none: tree sizes, feed widths and `kv_le
 host-known lengths. Sampling, stop checks and output writes stay on the device.
 
 Randomness: a request's token at response position t is argmax(log p_t + G_t), G_t Gumbel noise that is a
-pure function of (the request's seed, t, token id) (`sampling.sample`; the seed `sampling.request_seed` of
+pure function of (the request's seed, t, token id) (`sampling.sample`; the seed `seeds.derive_seed` of
 (seed, prompt index or its `seed_ids` entry, sample index)). Its samples therefore depend on nothing but
 its own distributions: not on which requests share its batch, its slot, when it was admitted, its DP rank,
 or whether a plain step or a verify forward evaluated position t (a verify accepts a draft iff it is that
@@ -70,10 +70,11 @@ import torch
 
 from megatron_tlt.rollout.cuda_graphs import next_power_of_two
 from megatron_tlt.rollout.model_calls import ModelCalls
-from megatron_tlt.rollout.sampling import SamplingParams, request_seed, sample, target_logprobs
+from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
 from megatron_tlt.rollout.spec.drafting import DrafterState, cache_headroom, feasible_shape, speculative_step
 from megatron_tlt.rollout.spec.selector import DraftSelector, DraftShape, arm_name
 from megatron_tlt.rollout.types import Completion, DecodeRows, EngineStats, OutputBuffers, Request, StepOutput
+from megatron_tlt.seeds import derive_seed
 
 SPEC_MODES = ("off", "chain", "tree", "adaptive")
 DRAFT_MODES = ("coupled", "topk")
@@ -264,7 +265,7 @@ class RolloutEngine:
                 if room < 1:
                     results[i][j] = Completion([], [], "prompt_too_long", stats={"prompt_tokens": len(prompt)})
                     continue
-                seed = request_seed(params.seed, seed_ids[i], j)
+                seed = derive_seed(params.seed, seed_ids[i], j)
                 pending.append(Request(i, j, prompt, min(params.max_new_tokens, room), seed))
 
         buffers = self._output_buffers(params.max_new_tokens)

@@ -14,7 +14,7 @@ How to use:
 
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=512, seed=0).validate()
     logp = target_logprobs(logits, params)                # logits [B, V] -> log-probs [B, V]
-    seeds = torch.tensor([request_seed(params.seed, prompt_id, j) for j in range(B)])   # [B]
+    seeds = torch.tensor([derive_seed(params.seed, prompt_id, j) for j in range(B)])    # [B] one per request
     tokens = sample(logp[:, None], seeds, response_positions[:, None])[:, 0]            # [B]
     token_logprobs = logp.gather(-1, tokens[:, None])     # [B, 1]
 """
@@ -24,8 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from megatron_tlt.seeds import derive_seed
 
 
 @dataclass
@@ -57,12 +55,6 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {list(self.stop_token_ids)}")
         return self
-
-
-def request_seed(seed: int, prompt_id: int, sample_index: int) -> int:
-    """The noise seed of sample `sample_index` of the prompt named `prompt_id`: `derive_seed(seed, prompt_id,
-    sample_index)`, the same in every process and on every rank."""
-    return derive_seed(seed, prompt_id, sample_index)
 
 
 def _top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:

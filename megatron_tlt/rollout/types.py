@@ -58,7 +58,7 @@ class Request:
     sample_index: int
     prompt: list[int]
     max_new: int  # response-length limit: max_new_tokens, cut to the context window
-    seed: int  # its noise seed (sampling.request_seed): its samples depend on nothing else but its distributions
+    seed: int  # its noise seed (seeds.derive_seed of seed, prompt id, sample index): its samples depend on nothing else but its distributions
     slot: int = -1
     admitted_step: int = 0
     shared_prefill: bool = False  # K/V copied from a sibling sample's prefill

@@ -13,7 +13,7 @@ Rollouts sample at temperature 1, as in RL. Rewards: the task's verifier plus 0.
 final answer is stated), so the policy has a signal, and moves, even while it rarely solves a task.
 
 The workload is the regime TLT addresses: a few long responses (up to --max-new-tokens, near the model's
-1024-token context; p90/p50 ~5, the longest several times p90) hold the rollout, and the rollout holds
+1024-token context; p90/p50 ~3.5, the longest several times p90) hold the rollout, and the rollout holds
 about three quarters of the no-SD step (printed: its share). The held-out evaluations a run makes before
 and after RL (greedy, 4 prompts) are outside the measured steps.
 
@@ -140,7 +140,8 @@ def main(argv=None) -> None:
     p.add_argument("--drafter-tokens", type=int, default=512, help="tokens per drafter step: the unit of preemption")
     p.add_argument("--modes", default="nosd,frozen,tlt")
     a = p.parse_args(argv)
-    room = bench_config(a).model.max_position_embeddings - bench_config(a).data.max_prompt_tokens
+    shaping = bench_config(a)
+    room = shaping.model.max_position_embeddings - shaping.data.max_prompt_tokens
     if a.max_new_tokens > room:
         p.error(f"--max-new-tokens {a.max_new_tokens}: the model's context leaves at most {room} after the prompt")
     if a.quick:
