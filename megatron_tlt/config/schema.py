@@ -24,6 +24,10 @@ PARALLEL_BACKENDS = ("auto", "nccl", "gloo")
 SPEC_MODES = ("off", "chain", "tree", "adaptive")  # rollout.engine.SPEC_MODES
 DRAFT_MODES = ("coupled", "topk")  # rollout.engine.DRAFT_MODES
 CUDA_GRAPH_MODES = ("auto", "off", "eager", "capture")  # rollout.cuda_graphs.GRAPH_MODES + auto
+ROLLOUT_PRECISIONS = ("auto", "fp8")  # rollout.precision
+FP8_GEMMS = ("auto", "scaled_mm", "triton", "reference")  # rollout.fp8_gemm: ops.fp8.GEMM_PATHS + auto
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")  # algo.rollout_correction
+MIS_LEVELS = ("token", "sequence")  # algo.mis_level
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")  # rl.algorithms.ADVANTAGES
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # rl.algorithms.AGGREGATIONS
 OVERLONG_MODES = ("none", "mask", "penalty")
@@ -209,8 +213,19 @@ class RolloutConfig:
     # from the training layout into this one before every rollout.
     tensor_parallel_size: Optional[int] = None
     keep_weights: bool = False  # keep the resharded rollout copy between rollouts (memory for speed); false: freed
+    # auto: the rollout runs in the policy's dtype; fp8: the rollout's linear weights (q/k/v/o, MLP) re-quantized to
+    # e4m3 with fp8_block x fp8_block scales after every policy update, activations per token and fp8_block channels
+    precision: str = "auto"
+    # the FP8 GEMM: auto (scaled_mm on a GPU that has it, else the reference), scaled_mm (torch._scaled_mm), triton
+    # (kernels/, CUDA only), reference (dequantize, then matmul in fp32: exact, no speed-up); the path taken is logged
+    fp8_gemm: str = "auto"
+    fp8_block: int = 128  # FP8 block edge (weights: fp8_block x fp8_block; activations: 1 x fp8_block); a power of 2 >= 16
 
     def __post_init__(self):
+        check_choice("rollout.precision", self.precision, ROLLOUT_PRECISIONS)
+        check_choice("rollout.fp8_gemm", self.fp8_gemm, FP8_GEMMS)
+        if self.fp8_block < 16 or self.fp8_block & (self.fp8_block - 1):
+            raise ValueError(f"rollout.fp8_block={self.fp8_block!r} is not supported; supported: a power of 2 >= 16 (e.g. 128)")
         if self.tensor_parallel_size is not None:
             check_range("rollout.tensor_parallel_size", self.tensor_parallel_size, ge=1, integer=True)
         self.spec, self.cuda_graphs = _yaml_off(self.spec), _yaml_off(self.cuda_graphs)
@@ -286,8 +301,22 @@ class AlgoConfig:
     overlong: str = "none"  # none | mask (truncated samples get no loss) | penalty (DAPO soft punishment)
     overlong_buffer: int = 32  # tokens before max_new_tokens where the penalty ramps up
     overlong_penalty: float = 1.0
+    # rollout-training mismatch correction (the rollout policy, e.g. FP8, is not exactly the trained one), on the
+    # ratio pi_old / pi_rollout of the trainer's own pre-update logprobs to the rollout's: none | tis (each token's
+    # policy loss weighted by min(ratio, tis_cap), detached) | mis (tokens, or whole sequences by the geometric mean
+    # of their tokens' ratios, leaving [mis_low, mis_high] get no loss)
+    rollout_correction: str = "none"
+    tis_cap: float = 2.0
+    mis_level: str = "token"  # token | sequence
+    mis_low: float = 0.5
+    mis_high: float = 2.0
 
     def __post_init__(self):
+        check_choice("algo.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        check_choice("algo.mis_level", self.mis_level, MIS_LEVELS)
+        check_range("algo.tis_cap", self.tis_cap, gt=0)
+        check_range("algo.mis_low", self.mis_low, ge=0)
+        check_range("algo.mis_high", self.mis_high, gt=self.mis_low)
         check_choice("algo.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
         check_choice("algo.aggregation", self.aggregation, LOSS_AGGREGATIONS)
         check_choice("algo.overlong", self.overlong, OVERLONG_MODES)
@@ -319,8 +348,14 @@ class OptimConfig:
     # (attention core and the MLP activation) | full (whole decoder layers, every `recompute_every`-th layer)
     recompute: str = "none"
     recompute_every: int = 1
+    # PPO: optimizer steps per rollout batch (each over a disjoint, token-balanced share of the samples) and passes
+    # over the batch; with more than one step the old-policy logprobs come from the trainer's own pre-update forward
+    mini_batches: int = 1
+    epochs: int = 1
 
     def __post_init__(self):
+        check_range("optim.mini_batches", self.mini_batches, ge=1, integer=True)
+        check_range("optim.epochs", self.epochs, ge=1, integer=True)
         check_choice("optim.recompute", self.recompute, RECOMPUTE_MODES)
         check_range("optim.recompute_every", self.recompute_every, ge=1, integer=True)
         if not (math.isfinite(self.lr) and self.lr > 0):
