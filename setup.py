@@ -26,7 +26,8 @@ setup(
         "math-verify>=0.9.0,<0.10",  # the math reward's LaTeX -> sympy equivalence (rl/verifiers.py)
     ],
     extras_require={
-        "test": ["pytest>=7", "import-linter>=2.1"],
+        "test": ["pytest>=7", "import-linter>=2.1",
+                 "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],  # tests/test_kernels.py, interpreted
         "parquet": ["pyarrow"],
         "wandb": ["wandb"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
