@@ -79,7 +79,8 @@ def test_enumerated_names_match_their_registries():
     from megatron_tlt.ops.attention import BACKENDS
     from megatron_tlt.rl.algorithms import ADVANTAGES, AGGREGATIONS
     from megatron_tlt.rl.rewards import BUILTIN_REWARDS
-    from megatron_tlt.rollout import DRAFT_MODES, SPEC_MODES
+    from megatron_tlt.ops.fp8 import GEMM_PATHS
+    from megatron_tlt.rollout import DRAFT_MODES, PRECISIONS, SPEC_MODES
     from megatron_tlt.rollout.cuda_graphs import GRAPH_MODES
 
     assert sorted(schema.ADVANTAGE_ESTIMATORS) == sorted(ADVANTAGES)
@@ -87,6 +88,8 @@ def test_enumerated_names_match_their_registries():
     assert sorted(schema.BUILTIN_REWARDS) == sorted(BUILTIN_REWARDS)
     assert sorted(schema.SPEC_MODES) == sorted(SPEC_MODES)
     assert sorted(schema.DRAFT_MODES) == sorted(DRAFT_MODES)
+    assert sorted(schema.ROLLOUT_PRECISIONS) == sorted(PRECISIONS)
+    assert sorted(schema.FP8_GEMMS) == sorted(("auto", *GEMM_PATHS))
     assert sorted(schema.CUDA_GRAPH_MODES) == sorted(("auto", *GRAPH_MODES))
     assert sorted(schema.ATTENTION_BACKENDS) == sorted(("auto", *BACKENDS))
     assert sorted(schema.SYNTHETIC_TASKS) == sorted(TASKS)

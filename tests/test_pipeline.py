@@ -172,7 +172,9 @@ def test_tp2_pp2_equals_tp1_pp1_and_its_checkpoint_loads_at_tp1_pp1_and_tp1_pp2(
     run_distributed(_load_pp2_worker, world_size=2, args=(path,))
 
 
-def _rollout_case(rollout_tp):
+def _rollout_case(rollout_tp, precision="auto"):
+    """Rollouts on the resharded copy == on the PP = 1 policy; with FP8 the copy's linears are quantized at acquire
+    and their high-precision storage freed."""
     from megatron_tlt.coordinator.reshard import RolloutWeights
     from megatron_tlt.rollout import RolloutEngine, SamplingParams
 
@@ -183,17 +185,23 @@ def _rollout_case(rollout_tp):
     _update(stage, ps, steps=1)
     copy = Policy(cfg, ps.rollout.tp_group, init_weights=False)
     weights = RolloutWeights(stage, copy, ps, keep=False)
+    fp8 = dict(precision=precision, fp8_block=16)
+    engine = RolloutEngine(copy, cache_budget_bytes=2**22, max_seq_len=32, **fp8)
+    weights.engine = engine
     one = _single_state(ps)
     torch.manual_seed(2)
     full = Policy(cfg, one.tp_group)
     _update(full, one, steps=1)
     prompts = [[3, 4, 5], [9, 8], [11, 12, 13, 14]]
     for params in (SamplingParams(temperature=0.0, max_new_tokens=12), SamplingParams(temperature=1.0, max_new_tokens=12, n=2, seed=7)):
-        with weights.acquired(version=1) as rollout_model:
+        with weights.acquired(version=1):
             assert weights.last["reshard_bytes"] > 0
-            got = RolloutEngine(rollout_model, cache_budget_bytes=2**22, max_seq_len=32).generate(prompts, params)
+            if precision == "fp8":
+                assert weights.last["fp8_weight_bytes"] > 0
+                assert all(m.weight.untyped_storage().size() == 0 for m in engine.model_calls.fp8.linears.values())
+            got = engine.generate(prompts, params)
         assert all(p.untyped_storage().size() == 0 for p in copy.parameters())  # freed after the rollout
-        want = RolloutEngine(full, cache_budget_bytes=2**22, max_seq_len=32).generate(prompts, params)
+        want = RolloutEngine(full, cache_budget_bytes=2**22, max_seq_len=32, **fp8).generate(prompts, params)
         assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in want]
 
 
@@ -214,7 +222,7 @@ def _empty_replica_case():
 
 def _pp2_worker(rank, world):
     cases = [(_empty_replica_case,), (_update_case, 1, 2, 1, False, 0.0), (_update_case, 1, 2, 2, False, 0.0), (_update_case, 1, 2, 1, True, 0.1),
-             (_sft_case, 2), (_rollout_case, 1), (_rollout_case, 2)]
+             (_sft_case, 2), (_rollout_case, 1), (_rollout_case, 2), (_rollout_case, 1, "fp8")]
     for case, *args in cases:  # one pair of processes, a layout per case
         case(*args)
         destroy_parallel(keep_world=True)

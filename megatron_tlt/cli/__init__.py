@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spec", choices=["off", "chain", "tree", "adaptive"], default="off", help="speculative decoding mode")
     g.add_argument("--drafts", choices=["coupled", "topk"], default="coupled",
                    help="SD drafts: first children under the target's position noise (coupled), or the drafter's top-k")
+    g.add_argument("--precision", choices=["auto", "fp8"], default="auto",
+                   help="fp8: the linears' weights in e4m3 with block scales, activations quantized per token (FP8 rollouts)")
+    g.add_argument("--fp8-gemm", choices=["auto", "scaled_mm", "triton", "reference"], default="auto",
+                   help="FP8 GEMM path (auto: the fastest this device has; the path taken is logged)")
     g.add_argument("--batch-invariant", action="store_true",
                    help="attention per query in fp32: bf16 samples identical whatever the batch or SD (slower)")
     g.add_argument("--max-new-tokens", type=int, default=256)

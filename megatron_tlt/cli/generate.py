@@ -133,6 +133,7 @@ def run_generate(args) -> int:
         engine = RolloutEngine(
             model, max_seq_len=args.max_seq_len, cache_budget_bytes=int(args.kv_cache_gb * 2**30), drafter=drafter, spec=args.spec,
             cuda_graphs=args.cuda_graphs, drafts=args.drafts, batch_invariant=args.batch_invariant,
+            precision=args.precision, fp8_gemm=args.fp8_gemm,
         )
     except ValueError as e:  # max_seq_len out of range, or the budget is below one slot
         raise UserError(str(e)) from None

@@ -10,6 +10,10 @@ stage, broadcast over the PP group from that stage:
 - otherwise: the stage's tensors gathered whole over the training TP group first, then each rank keeps its
   rollout-TP slice.
 
+With `rollout.precision=fp8` the engine's FP8 weights (`rollout.fp8`) are re-quantized here from the rollout
+layout's weights whenever the version moved (the copy's high-precision linears are then freed: only their FP8
+form is used), and their bytes and quantization time join `last`.
+
 After the rollout the copy is freed (storage resized to 0; CUDA graphs captured over it dropped) unless
 `rollout.keep_weights`; the next `acquire` re-allocates it. A copy already at the policy's version is not
 moved again. With the same layout for both (PP = 1, same TP) the engine runs on the training weights and
@@ -60,6 +64,13 @@ class RolloutWeights:
         if not self.ps.same_layouts and self.version != version:
             self._load()
             self.version = version
+        fp8 = self.engine.model_calls.fp8 if self.engine is not None else None
+        if fp8 is not None:  # rollout.precision=fp8: re-quantized whenever the version moved
+            fp8.load(version)
+            self.last.update(fp8.last)
+            if not self.ps.same_layouts:  # the copy's linears live on in FP8 only (re-filled by the next _load)
+                for m in fp8.linears.values():
+                    m.weight.untyped_storage().resize_(0)
         try:
             yield self.model
         finally:

@@ -14,17 +14,24 @@ GEMM paths (`GEMM_PATHS`), each equal to `reference` up to fp32 summation order:
   cached next to the FP8 one, `Fp8Weight.dequantized`);
 - `scaled_mm`: `torch._scaled_mm` with row-wise scales, one call per channel block (x's scale per row, W's scale per
   output column), summed in fp32; runs on the CPU in torch 2.13 and on GPUs with FP8 tensor cores (sm89+);
-- `triton`: the block-scaled GEMM of `kernels/` (CUDA only).
+- `triton`: the activation quantizer and block-scaled GEMM of `kernels/` (CUDA only; tested under the interpreter).
 
     w8 = quantize_weight(w, block=128)                       # Fp8Weight: q [N, K] e4m3, scale [ceil(N/128), ceil(K/128)]
     y = fp8_linear(x, w8, bias, path="scaled_mm")            # [..., N] in x's dtype
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from megatron_tlt.errors import UserError
+
+log = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -43,7 +50,8 @@ class Fp8Weight:
     q: torch.Tensor
     scale: torch.Tensor
     block: int
-    dequantized: Optional[torch.Tensor] = None
+    path: str = "reference"  # the GEMM path fp8_linear takes by default (GEMM_PATHS)
+    dequantized: Optional[torch.Tensor] = None  # [N, K] fp32, kept for the reference path
 
     @property
     def nbytes(self) -> int:
@@ -79,16 +87,22 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int
     return (q.float() * scale.repeat_interleave(rows, 0)[:r].repeat_interleave(cols, 1)[:, :c])
 
 
-def quantize_weight(w: torch.Tensor, block: int = 128, out: Optional[Fp8Weight] = None, keep_dequantized: bool = False) -> Fp8Weight:
-    """w [N, K] -> its Fp8Weight (block x block scales). With `out`, written into out's tensors in place (CUDA graphs
-    captured over them stay valid) and returned."""
-    q, scale = quantize_blocks(w.detach(), block, block)
+def quantize_weight(w: torch.Tensor, block: int = 128, out: Optional[Fp8Weight] = None, path: str = "reference") -> Fp8Weight:
+    """w [N, K] -> its Fp8Weight (block x block scales) for GEMM path `path` (the reference path also keeps the
+    dequantized fp32 weight). With `out`, written into out's tensors in place (CUDA graphs captured over them stay
+    valid) and returned. The triton path quantizes with its Triton kernel (the same bytes)."""
+    if path == "triton":
+        from megatron_tlt.kernels.fp8 import quantize_weight_blocks
+
+        q, scale = quantize_weight_blocks(w.detach(), block)
+    else:
+        q, scale = quantize_blocks(w.detach(), block, block)
     if out is None:
-        out = Fp8Weight(q, scale, block)
+        out = Fp8Weight(q, scale, block, path)
     else:
         out.q.copy_(q)
         out.scale.copy_(scale)
-    if keep_dequantized:
+    if out.path == "reference":
         deq = dequantize_blocks(out.q, out.scale, block, block)
         out.dequantized = deq if out.dequantized is None else out.dequantized.copy_(deq)
     return out
@@ -117,19 +131,89 @@ def _gemm_scaled_mm(qx: torch.Tensor, sx: torch.Tensor, w: Fp8Weight) -> torch.T
     return y
 
 
-def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: Optional[torch.Tensor] = None, path: str = "reference") -> torch.Tensor:
-    """x [..., K] @ dequant(W).T with x quantized per token and block, through GEMM path `path` -> [..., N] in x's dtype."""
+def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W).T with x quantized per token and block, through GEMM path `path` (default w.path)
+    -> [..., N] in x's dtype."""
+    path = path or w.path
     lead, k = x.shape[:-1], x.shape[-1]
-    qx, sx = quantize_activation(x.reshape(-1, k), w.block)
-    if path == "reference":
-        y = _gemm_reference(qx, sx, w)
-    elif path == "scaled_mm":
-        y = _gemm_scaled_mm(qx, sx, w)
-    elif path == "triton":
-        from megatron_tlt.kernels.fp8 import block_scaled_gemm
+    x2 = x.reshape(-1, k)
+    if path == "triton":  # the activation quantizer and the GEMM as Triton kernels
+        from megatron_tlt.kernels.fp8 import block_scaled_gemm, quantize_activation_groups
 
+        qx, sx = quantize_activation_groups(x2, w.block)
         y = block_scaled_gemm(qx, sx, w.q, w.scale, w.block)
+    elif path in ("reference", "scaled_mm"):
+        qx, sx = quantize_activation(x2, w.block)
+        y = (_gemm_reference if path == "reference" else _gemm_scaled_mm)(qx, sx, w)
     else:
         raise ValueError(f"unknown FP8 GEMM path {path!r}; valid: {', '.join(GEMM_PATHS)}")
     y = y.to(x.dtype).reshape(*lead, w.q.shape[0])
     return y if bias is None else y + bias
+
+
+def _time_path(path: str, x: torch.Tensor, w: Fp8Weight, reps: int = 20) -> float:
+    """Seconds per fp8_linear call through `path` on CUDA (after one warm-up call), or inf if the path fails or
+    disagrees with the reference (then it is not used)."""
+    try:
+        want = fp8_linear(x, w, path="reference").float()
+        got = fp8_linear(x, w, path=path).float()
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+            log.warning("FP8 GEMM path %s disagrees with the reference on this GPU: not used", path)
+            return math.inf
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fp8_linear(x, w, path=path)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+    except Exception as e:  # a kernel this GPU / torch build lacks: the next path
+        log.warning("FP8 GEMM path %s fails on this GPU (%s): not used", path, e)
+        return math.inf
+
+
+def resolve_gemm_path(requested: str, device: torch.device, probe_shape: tuple[int, int] = (4096, 4096), block: int = 128,
+                      capability: Optional[tuple[int, int]] = None, triton_available: Optional[bool] = None) -> str:
+    """The FP8 GEMM path (`GEMM_PATHS`) for `requested` ("auto" or a path) on `device`, logged. A requested path that
+    cannot run there raises UserError naming why; "auto" falls back (logged, naming the path taken):
+    CPU -> reference (torch._scaled_mm runs on the CPU but is slower than the fp32 matmul there); a GPU with FP8
+    tensor cores (sm89+) -> the faster of scaled_mm and triton on a probe GEMM of `probe_shape` (N, K) at 64 tokens;
+    an older GPU -> reference (FP8 weights, no speed-up). `capability` / `triton_available` override the device's
+    (tests)."""
+    if requested != "auto" and requested not in GEMM_PATHS:
+        raise UserError(f"rollout.fp8_gemm={requested!r} is not supported; supported: auto, {', '.join(GEMM_PATHS)}")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"rollout.precision=fp8 needs a CPU or CUDA device (float8 matmuls), not {device.type}")
+    if triton_available is None:
+        triton_available = importlib.util.find_spec("triton") is not None
+    if device.type == "cpu":
+        if requested == "triton":
+            raise UserError("rollout.fp8_gemm=triton: the Triton FP8 GEMM runs on CUDA only; use auto, scaled_mm or reference on the CPU")
+        path = "reference" if requested == "auto" else requested
+        log.info("FP8 GEMM path: %s (%s)", path, "CPU: the dequantized fp32 matmul is faster than torch._scaled_mm here"
+                 if requested == "auto" else "rollout.fp8_gemm")
+        return path
+    cap = capability or torch.cuda.get_device_capability(device)
+    fp8_cores = tuple(cap) >= (8, 9)
+    if requested in ("scaled_mm", "triton") and not fp8_cores:
+        raise UserError(f"rollout.fp8_gemm={requested}: FP8 matmuls need FP8 tensor cores (sm89+), this GPU is sm{cap[0]}{cap[1]}; "
+                        "use rollout.fp8_gemm=reference (FP8 weights, dequantized matmuls) or rollout.precision=auto")
+    if requested == "triton" and not triton_available:
+        raise UserError("rollout.fp8_gemm=triton needs triton (pip install triton)")
+    if requested != "auto":
+        log.info("FP8 GEMM path: %s (rollout.fp8_gemm)", requested)
+        return requested
+    if not fp8_cores:
+        log.warning("FP8 GEMM path: reference: this GPU (sm%d%d) has no FP8 tensor cores; the rollout keeps FP8 weights "
+                    "but dequantizes them for each matmul (no speed-up)", cap[0], cap[1])
+        return "reference"
+    n, k = probe_shape
+    w = quantize_weight(torch.randn(n, k, device=device), block)
+    x = torch.randn(64, k, device=device, dtype=torch.bfloat16)
+    times = {p: _time_path(p, x, w) for p in ("scaled_mm", "triton") if p != "triton" or triton_available}
+    path = min(times, key=times.get)
+    if math.isinf(times[path]):
+        path = "reference"
+    log.info("FP8 GEMM path: %s (probe %dx%d at 64 tokens: %s)", path, n, k,
+             ", ".join(f"{p} {1e6 * t:.0f} us" for p, t in times.items()))
+    return path

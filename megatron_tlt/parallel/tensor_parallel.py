@@ -5,8 +5,8 @@ passed in, never taken from a global), the megatron-core `ModelParallelConfig`, 
 dtype. Every linear is built by `TPLayers.linear`, the one seam where an FP8 / Transformer Engine path can
 replace the layers. Without autograd (rollouts, no-grad logprob passes) `ColumnLinear` / `RowLinear` are one
 `ops.linear.linear` on the local shard (+ the all-reduce of a row-parallel layer), skipping megatron's
-per-call autograd Function (about a fifth of a small model's decode step on CPU); `ops.linear.linear` is the
-function FP8 rollouts replace.
+per-call autograd Function (about a fifth of a small model's decode step on CPU); with an FP8 rollout weight
+attached (`fp8`, by `rollout.fp8.Fp8Weights` while the engine runs) that matmul is the FP8 one.
 
 Sequence parallelism (`TPLayers(..., sequence_parallel=True)`, TP > 1): megatron-core's linears built with
 `ModelParallelConfig(sequence_parallel=True)` take input sharded along dim 0 (the sequence) over the TP group,
@@ -27,6 +27,7 @@ reduce_scatter_tensor, which gloo implements).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megatron_tlt.config.dtypes import TORCH_DTYPES
 from megatron_tlt.config.schema import ModelConfig
+from megatron_tlt.ops.fp8 import Fp8Weight
 from megatron_tlt.ops.linear import linear
 
 copy_to_tp_region = tensor_parallel.copy_to_tensor_model_parallel_region  # identity forward, all-reduce backward
@@ -150,9 +152,11 @@ def _needs_autograd(module: nn.Module, x: torch.Tensor) -> bool:
 class ColumnLinear(tensor_parallel.ColumnParallelLinear):
     """megatron-core's column-parallel linear (output sharded over TP), with the inference fast path."""
 
+    fp8: Optional[Fp8Weight] = None  # the FP8 rollout weight of this shard while the rollout engine runs (rollout.fp8)
+
     def forward(self, x: torch.Tensor):
         if not _needs_autograd(self, x):
-            return linear(x, self.weight, self.bias), None
+            return linear(x, self.weight, self.bias, self.fp8), None
         if self.sequence_parallel and not x.is_cuda:
             return F.linear(_SequenceGather.apply(x, self.tp_group, True), self.weight, self.bias), None
         return super().forward(x)
@@ -162,12 +166,14 @@ class RowLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear (input sharded, output all-reduced over TP, or reduce-scattered
     along the sequence under sequence parallelism), with the inference fast path."""
 
+    fp8: Optional[Fp8Weight] = None  # as ColumnLinear.fp8
+
     def forward(self, x: torch.Tensor):
         if _needs_autograd(self, x):
             if self.sequence_parallel and not x.is_cuda:
                 return _SequenceReduceScatter.apply(F.linear(x, self.weight), self.tp_group), None  # no bias: see TPLayers.linear
             return super().forward(x)
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, fp8=self.fp8)
         if dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(y, group=self.tp_group)
         return (y if self.bias is None else y + self.bias), None

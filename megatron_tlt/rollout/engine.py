@@ -55,6 +55,8 @@ still differ in the last bits between batch shapes or between a decode and a ver
 flip a near-tie of the noise: measured on CPU with a random 4-layer model, 128 samples of 128 tokens at
 temperature 1, none of 128 sequences differed from plain decoding in fp32, but 24 of 128 did in bf16 (and 6
 of 32 between plain decoding at batch 32 and batch 1), from SDPA's shape-dependent reductions.
+FP8 rollouts (`precision="fp8"`, rollout/fp8.py) change the target's logits, never this: SD verifies against the FP8
+target, so it stays exact with respect to the distribution the rollout samples, and the logprobs are the FP8 policy's.
 `batch_invariant=True` runs the target's attention per query in fp32 (`ops.attention.cached_attention`),
 which made bf16 identical in both comparisons on CPU, where the linears' rows are already independent
 of the batch; on GPU cuBLAS picks GEMM kernels by shape, so the linears would need batch-invariant
@@ -130,13 +132,16 @@ class RolloutEngine:
         cuda_graphs: str = "auto",  # "off" | "eager" | "capture" (see cuda_graphs.py); "auto": capture on CUDA, else off
         drafts: str = "coupled",  # "coupled": first children use the target's position noise | "topk": the drafter's best
         batch_invariant: bool = False,  # bit-identical target logits whatever the batch / verify shape (see Randomness)
+        precision: str = "auto",  # "fp8": the target's linears in FP8 while generating (rollout/fp8.py); "auto": the model's dtype
+        fp8_gemm: str = "auto",  # FP8 GEMM path: auto | scaled_mm | triton | reference (ops.fp8.resolve_gemm_path)
+        fp8_block: int = 128,  # FP8 block edge (weights block x block, activations 1 x block per token)
     ):
         if drafts not in DRAFT_MODES:
             raise ValueError(f"drafts must be one of {DRAFT_MODES}, got {drafts!r}")
         self.drafts = drafts
         self.model_calls = ModelCalls(
             model, max_seq_len=max_seq_len, cache_budget_bytes=cache_budget_bytes, max_batch=max_batch, dtype=dtype,
-            cuda_graphs=cuda_graphs, batch_invariant=batch_invariant,
+            cuda_graphs=cuda_graphs, batch_invariant=batch_invariant, precision=precision, fp8_gemm=fp8_gemm, fp8_block=fp8_block,
         )
         self.device = self.model_calls.device
         self.max_seq_len = self.model_calls.max_seq_len
@@ -255,6 +260,10 @@ class RolloutEngine:
             seed_ids = list(range(len(prompts)))
         elif len(seed_ids) != len(prompts):
             raise ValueError(f"{len(seed_ids)} seed_ids for {len(prompts)} prompts")
+        with self.model_calls.target_weights():  # FP8 weights attached for the whole call (precision="fp8")
+            return self._generate(prompts, params, seed_ids)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, seed_ids: list[int]) -> list[list[Completion]]:
         t0 = time.perf_counter()
         self.stats = EngineStats()
         results: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]

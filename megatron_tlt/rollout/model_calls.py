@@ -7,7 +7,9 @@ catch-up) and draft-level calls, and the cache operations the engine needs betwe
 prompt's prefill, keeping a verify forward's accepted K/V).
 
 Why: it is the only module of `rollout/` that calls the policy or the drafter, so what changes how a
-forward runs (pipeline stages, FP8 weights, another attention kernel) enters here and nowhere else;
+forward runs (pipeline stages, FP8 weights, another attention kernel) enters here and nowhere else
+(`precision="fp8"`: the target's linears multiply by FP8 weights inside `target_weights()`, which the
+engine enters for each `generate`; the drafter's own layers stay in the model's dtype);
 the engine loop and the speculative step (spec/drafting.py) deal in tokens, positions, slots and
 hidden states only.
 
@@ -27,12 +29,16 @@ gains nothing from a graph, and a graph would keep its [B, S, vocab] output allo
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
 from megatron_tlt.rollout.cuda_graphs import StaticCalls
+from megatron_tlt.rollout.fp8 import Fp8Weights
+
+PRECISIONS = ("auto", "fp8")  # the target's weights in the rollout: the model's dtype, or FP8 (rollout/fp8.py)
 
 if TYPE_CHECKING:
     from megatron_tlt.drafter.model import Drafter
@@ -52,6 +58,9 @@ class ModelCalls:
         dtype: Optional[torch.dtype],  # KV-cache dtype; None: the model's
         cuda_graphs: str,  # "off" | "eager" | "capture" (see cuda_graphs.py) | "auto": capture on CUDA, else off
         batch_invariant: bool = False,  # the target's attention per query: its logits independent of the call's shapes
+        precision: str = "auto",  # "auto": the model's dtype | "fp8": the target's linears in FP8 (rollout/fp8.py)
+        fp8_gemm: str = "auto",  # the FP8 GEMM path (ops.fp8.resolve_gemm_path)
+        fp8_block: int = 128,  # FP8 block edge
     ):
         if not (model.pre_process and model.post_process):
             raise NotImplementedError("the rollout engine needs the whole model on one rank (no pipeline stages)")
@@ -81,6 +90,13 @@ class ModelCalls:
         self.static_calls = StaticCalls(cuda_graphs, pad_slot=self.num_slots, device=self.device)
         self.drafter: Optional["Drafter"] = None
         self.drafter_cache: Optional[KVCache] = None
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.fp8 = Fp8Weights(model, fp8_block, fp8_gemm) if precision == "fp8" else None
+
+    def target_weights(self):
+        """The context the engine's calls run in: the FP8 weights attached (`rollout.fp8`), or nothing to do."""
+        return self.fp8.active() if self.fp8 is not None else contextlib.nullcontext()
 
     def add_drafter(self, drafter: "Drafter", cache_len: int) -> None:
         """Speculative decoding: the drafter and its own KV cache (outside the budget), one slot per cache slot."""
