@@ -8,6 +8,8 @@
 - attention backends: each packed backend (flash_attn where installed, torch_varlen, sdpa_segments) in a
   bf16 model forward/backward against the fp32 reference, within twice the reference algorithm's own bf16
   error; the KV-cache attention (decode, tree verify) against float64 on the CPU; "auto" picks a CUDA kernel;
+- FP8 rollouts: torch._scaled_mm and the Triton kernels == the dequantized reference (sm89+); an FP8 engine
+  replayed from CUDA graphs == eager, near bf16;
 - NCCL: the 1-process group `init_parallel` makes on CUDA is NCCL, and the model, the vocab-parallel
   logprobs, the gradient all-reduce / global norm and plain collectives run over it;
 - activation recomputation: selective / full == none under bf16 autocast with the CUDA kernels, with fewer
@@ -113,6 +115,54 @@ def test_graphs_equal_exact_shapes_greedy(ps):
     for spec in ("off", "tree"):
         exact = _engine(policy, drafter, spec, "off").generate(PROMPTS, params)
         assert tokens_of(_engine(policy, drafter, spec, "capture").generate(PROMPTS, params)) == tokens_of(exact)
+
+
+# ---- FP8 rollouts ----
+
+
+@pytest.mark.parametrize("path", ["scaled_mm", "triton"])
+def test_fp8_gemm_paths_equal_the_reference_on_cuda(path):
+    """torch._scaled_mm (one call per 128-channel block) and the Triton kernels == the dequantized fp32 reference,
+    on shapes with edge blocks; needs FP8 tensor cores (sm89+), the triton path triton."""
+    from megatron_tlt.ops.fp8 import fp8_linear, quantize_weight
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need sm89+")
+    if path == "triton":
+        pytest.importorskip("triton", reason="the triton path needs triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k, m in [(4096, 4096, 64), (1024, 2816, 7), (384, 320, 1)]:
+        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        want = fp8_linear(x.float(), quantize_weight(w, 128, path="reference")).double()
+        got = fp8_linear(x.float(), quantize_weight(w, 128, path=path)).double()
+        err = float((got - want).norm() / want.norm())
+        print(f"FP8 {path} {m}x{k}x{n}: rel. error vs the reference {err:.2e}")
+        assert err < 1e-5
+
+
+@torch.no_grad()
+def test_fp8_rollout_graph_replay_equals_eager_and_is_close_to_bf16(ps):
+    """An FP8 engine (the GEMM path rollout.fp8_gemm=auto picks here) replayed from CUDA graphs == eager, greedy
+    tokens and logprobs; its logprobs are near the bf16 engine's and not equal to them (FP8 is on)."""
+    policy = _policy(ps, dtype=torch.bfloat16).eval().requires_grad_(False)
+    params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW)
+
+    def run(graphs, precision="fp8"):
+        engine = RolloutEngine(policy, max_seq_len=128, max_batch=3, cuda_graphs=graphs, precision=precision)
+        return engine, [engine.generate(PROMPTS, params) for _ in range(2)]  # capture, then replay
+
+    _, (eager, _) = run("eager")
+    engine, graphed = run("capture")
+    print(f"FP8 GEMM path on {torch.cuda.get_device_name()}: {engine.model_calls.fp8.path}")
+    assert engine.model_calls.static_calls.graphs
+    for got in graphed:
+        assert tokens_of(got) == tokens_of(eager)
+        for (g,), (e,) in zip(got, eager):
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), rtol=1e-2, atol=1e-2)
+    _, (bf16, _) = run("eager", precision="auto")
+    first = [(c.logprobs[0], b.logprobs[0]) for (c,), (b,) in zip(eager, bf16)]
+    assert any(a != b for a, b in first) and all(abs(a - b) < 0.5 for a, b in first)
 
 
 # ---- bf16 autocast in training ----

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One command that proves every GPU path on a CUDA machine, in under ten minutes, and writes one summary.
 #
-#   bash tools/gpu_check.sh [--out DIR] [--budget SECONDS]   # on a GPU: install, test, benchmark (<= 480 s)
+#   bash tools/gpu_check.sh [--out DIR] [--budget SECONDS]   # on a GPU: install, test, benchmark (<= 540 s)
 #   bash tools/gpu_check.sh --fetch-wheels                   # on a machine with pip access: the wheels, into .whl/
 #
 # On a machine without CUDA it runs nothing heavy and exits 0 with one line saying why.
 #
-# Stages, each under `timeout` and under a total budget the script enforces itself (default 480 s; a stage
+# Stages, each under `timeout` and under a total budget the script enforces itself (default 540 s; a stage
 # gets at most what is left), printing as it goes, so a partial run still reports what it reached:
 #   install   the Python packages the GPU image lacks (megatron-core, omegaconf, antlr4) from .whl/, if missing
 #   tests     pytest -m gpu: CUDA-graph replay == eager, bf16 autocast ~ fp32, each attention backend ==
@@ -14,6 +14,7 @@
 #   mfu       tools/bench/train_mfu.py: PolicyTrainer steps of a 1.25B model, tokens/s and MFU (+ measured ceilings)
 #   packing   tools/bench/packing.py: packed vs padded training tokens/s, bf16
 #   rollout   tools/bench/rollout.py: plain vs SD tokens/s, transformers generate, batch-1 decode vs HBM roofline
+#   fp8       tools/bench/fp8.py on the rollout stage's (cached) model: FP8 weight bytes, logits error / KL, bf16 vs FP8 tokens/s
 # Output: DIR/gpu_summary.txt (the figures) and DIR/<stage>.log; DIR is --out, else $OUT, else /tmp/gpu_check.
 #
 # With the project's device tool (no registry there; wheels travel with the working tree, .whl/ is ignored):
@@ -31,7 +32,7 @@ PY_VERSION="3.12"
 PYTHON="${PYTHON:-python3}"
 
 OUT_DIR="${OUT:-/tmp/gpu_check}"
-BUDGET=480
+BUDGET=540
 FETCH=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -152,6 +153,11 @@ run_stage rollout 400 '(parameters|trained in|tokens/s|SD/plain|adaptive/plain|t
     "$PYTHON" tools/bench/rollout.py --cache-dir /tmp/megatron_tlt_bench --hidden 1024 --layers 12 --heads 16 --kv-heads 4 \
     --vocab 256 --sft-steps 150 --sft-batch 32 --drafter-prompts 128 --drafter-steps 200 --num-held-out 64 \
     --dtype bfloat16 --batch-sizes 1 4 32 --min-prompts 4 --max-new-tokens 128 --iters 2 --sampled-batch 0 --peak-bandwidth 4.8e12
+
+run_stage fp8 90 '(weights:|logits:|throughput:|FP8 GEMM path)' \
+    "$PYTHON" tools/bench/fp8.py --cache-dir /tmp/megatron_tlt_bench --hidden 1024 --layers 12 --heads 16 --kv-heads 4 \
+    --vocab 256 --sft-steps 150 --sft-batch 32 --drafter-prompts 128 --drafter-steps 200 --num-held-out 64 \
+    --dtype bfloat16 --batch 16 --max-new-tokens 128 --iters 2
 
 say "gpu_check: $([ "$FAILED" = 0 ] && echo 'all stages ok' || echo 'some stages FAILED, timed out or were skipped'), $(($(date +%s) - START)) s in all"
 echo "==== summary ($SUMMARY)"
