@@ -304,7 +304,8 @@ def hf_dir(model, tmp_path_factory):
     return path
 
 
-def test_cli_generate_jsonl(model, hf_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "fp8"])
+def test_cli_generate_jsonl(model, hf_dir, tmp_path, precision):
     from megatron_tlt.data.tokenizer import encode_prompt, load_tokenizer
 
     prompts_file, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
@@ -312,6 +313,7 @@ def test_cli_generate_jsonl(model, hf_dir, tmp_path):
     rc = cli_main([
         "generate", "--model", str(hf_dir), "--prompts", str(prompts_file), "--out", str(out),
         "--temperature", "0", "--max-new-tokens", "6", "--n", "2", "--max-seq-len", "48", "--kv-cache-gb", "0.001",
+        "--precision", precision,
     ])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -319,10 +321,11 @@ def test_cli_generate_jsonl(model, hf_dir, tmp_path):
     tokenizer = load_tokenizer(hf_dir)
     prompts = [encode_prompt(tokenizer, "What is 2 + 3?"), [5, 6, 7]]
     params = SamplingParams(temperature=0, max_new_tokens=6, stop_token_ids=(1,), n=2)
-    expected = make_engine(model, max_seq_len=48).generate(prompts, params)
+    expected = make_engine(model, max_seq_len=48, precision=precision).generate(prompts, params)
     for row in rows:
         c = expected[row["prompt_index"]][row["sample_index"]]
         assert row["token_ids"] == c.token_ids and row["finish_reason"] == c.finish_reason
+        assert row["logprobs"] == pytest.approx(c.logprobs, abs=1e-5)  # the FP8 policy's with --precision fp8
         assert row["response"] == tokenizer.decode(c.token_ids, skip_special_tokens=True)
         assert len(row["logprobs"]) == len(row["token_ids"]) and row["stats"]["prompt_tokens"] == len(prompts[row["prompt_index"]])
 
@@ -336,6 +339,7 @@ def test_cli_generate_jsonl(model, hf_dir, tmp_path):
         ([json.dumps({"input_ids": [1, 2]}), json.dumps({"input_ids": [1, 9999]})], [], ":2: token id 9999"),
         ([json.dumps({"input_ids": [1, 2]})], ["--spec", "chain"], "--spec chain needs --drafter"),
         ([json.dumps({"input_ids": [1, 2]})], ["--top-p", "2"], "top_p"),
+        ([json.dumps({"input_ids": [1, 2]})], ["--precision", "fp8", "--fp8-gemm", "triton"], "runs on CUDA only"),
     ],
 )
 def test_cli_generate_errors(hf_dir, tmp_path, capsys, lines, extra, message):
