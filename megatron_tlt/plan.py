@@ -44,6 +44,8 @@ What a rank holds, per pipeline rank (each is a distinct kind of rank: TP and DP
   buffers (int64 token + fp32 logprob per slot and position) and the prefill of this rank's prompts (at
   most one per `rollout.n` slots, 8192 padded tokens a call; its largest live set: the residual, a norm and
   the MLP's three [tokens, I] tensors).
+- FP8 rollout weights (`rollout.precision=fp8`): the quantized linears' e4m3 values and fp32 block scales at the
+  rollout TP, on top of the high-precision copy (counted at its peak: the copy is quantized, then its linears freed).
 - drafter: with speculative rollouts (`rollout.spec`), its weights at the rollout TP and its one-layer KV cache
   over the same slots; trained online (`drafter.online`), also its gradients, AdamW state and the full
   `drafter.buffer_gb` of (tokens, hidden states).
@@ -67,6 +69,7 @@ from megatron_tlt.drafter.model import Drafter
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.layout import rank_stage_ids, stage_layer_ranges
 from megatron_tlt.parallel.sharding import partition_dim
+from megatron_tlt.rollout import QUANTIZED_LINEARS
 
 GB = 2**30
 LOGPROB_CHUNK = 1024  # tokens per logits chunk of ops.logprob.vocab_parallel_logprobs (its default)
@@ -89,6 +92,7 @@ class RankPlan:
     rollout_weights: int  # the rollout layout's own copy (0 when it is the training layout)
     kv_cache: int  # the policy's KV cache (+ the drafter's with speculative rollouts)
     rollout_buffers: int  # response buffers + the prefill's live set
+    fp8_weights: int  # rollout.precision=fp8: the linears' e4m3 weights + block scales at rollout TP (0 otherwise)
     drafter: int  # weights (+ grads, AdamW state and the buffer when trained online)
     extra: dict[str, int] = field(default_factory=dict)  # breakdown shown by format_plan
 
@@ -99,7 +103,7 @@ class RankPlan:
 
     @property
     def rollout_bytes(self) -> int:
-        return self.resident + self.rollout_weights + self.rollout_buffers
+        return self.resident + self.rollout_weights + self.fp8_weights + self.rollout_buffers
 
     @property
     def resident(self) -> int:
@@ -137,6 +141,17 @@ def _param_bytes(module: nn.Module, tp: int) -> list[int]:
     """Bytes of each local parameter at TP degree `tp`, in `named_parameters` order."""
     sizes = {n: p.element_size() for n, p in module.named_parameters()}
     return [prod(shape) * sizes[n] for n, shape in local_shapes(module, tp).items()]
+
+
+def _fp8_bytes(model: nn.Module, tp: int, block: int, reference: bool) -> int:
+    """Bytes of the FP8 rollout weights (`rollout.fp8.Fp8Weights`) at TP degree `tp`: e4m3 values and fp32 block
+    scales of each quantized linear's shard (+ its dequantized fp32 copy on the reference GEMM path)."""
+    total = 0
+    for name, shape in local_shapes(model, tp).items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in QUANTIZED_LINEARS:
+            n, k = shape
+            total += n * k * (5 if reference else 1) + 4 * -(-n // block) * -(-k // block)
+    return total
 
 
 def _adamw_bytes(param_bytes: list[int]) -> int:
@@ -226,6 +241,7 @@ def memory_plan(cfg: Config, world_size: int, group) -> MemoryPlan:
     whole = _build(m, group)
     separate = pp > 1 or rtp != tp
     rollout_weights = sum(_param_bytes(whole, rtp)) if separate else 0
+    fp8 = _fp8_bytes(whole, rtp, r.fp8_block, r.fp8_gemm == "reference") if r.precision == "fp8" else 0
     seq = min(cfg.data.max_prompt_tokens + r.max_new_tokens, m.max_position_embeddings)
     kv_per_slot = 2 * m.num_layers * seq * (m.num_kv_heads // rtp) * m.head_dim * e
     slots = int(r.kv_cache_gb * GB) // kv_per_slot
@@ -263,7 +279,7 @@ def memory_plan(cfg: Config, world_size: int, group) -> MemoryPlan:
         ranks.append(RankPlan(
             pp_rank=pp_rank, layers=layers, weights=weights, grads=weights, optimizer=optimizer,
             rollback=weights + optimizer if o.rollback else 0, optimizer_step=step, activations=activations, in_flight=in_flight,
-            rollout_weights=rollout_weights, kv_cache=kv_cache, rollout_buffers=buffers, drafter=drafter,
+            rollout_weights=rollout_weights, kv_cache=kv_cache, rollout_buffers=buffers, fp8_weights=fp8, drafter=drafter,
             extra=dict(extra, **{"KV slots": padded, "prefill": prefill}),
         ))
     return MemoryPlan(tp, pp, vpp, dp, rtp, world_size, o.micro_batch_tokens, o.recompute, ranks)
@@ -285,7 +301,7 @@ def format_plan(plan: MemoryPlan, device_gb: float) -> str:
                 ("rollback copy", rk.rollback), ("optimizer step transient", rk.optimizer_step), ("activations", rk.activations),
                 ("  kept for backward", rk.extra["activations kept"]), ("  backward transient", rk.extra["backward transient"]),
                 ("rollout weights", rk.rollout_weights), (f"KV cache ({rk.extra['KV slots']} slots)", rk.kv_cache),
-                ("rollout buffers + prefill", rk.rollout_buffers), ("drafter", rk.drafter)]
+                ("rollout buffers + prefill", rk.rollout_buffers), ("FP8 rollout weights", rk.fp8_weights), ("drafter", rk.drafter)]
         lines += [f"  {name:<28}{_gb(n)}" for name, n in rows]
         for phase, n in (("training", rk.training_bytes), ("rollout", rk.rollout_bytes)):
             lines.append(f"  {phase + ' total':<28}{_gb(n)}  {'fits' if n <= limit else 'DOES NOT FIT'}")

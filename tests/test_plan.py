@@ -14,7 +14,7 @@ from dist_utils import run_distributed
 
 from megatron_tlt.cli import main
 from megatron_tlt.config import load_config
-from megatron_tlt.config.schema import Config, ModelConfig, OptimConfig, ParallelConfig
+from megatron_tlt.config.schema import Config, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig
 from megatron_tlt.data.packing import pack_sequences
 from megatron_tlt.models.packed import packed_forward
 from megatron_tlt.models.transformer import Policy
@@ -59,6 +59,23 @@ def test_weight_gradient_and_optimizer_bytes_equal_the_real_tensors(name):
     assert rank.grads == _nbytes(p.grad for p in params)
     assert rank.optimizer == _nbytes(state)
     assert rank.rollback == _nbytes(weights) + _nbytes(v for s in saved_state.values() for v in s.values())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("gemm", ["auto", "reference"])
+def test_fp8_rollout_bytes_equal_the_quantized_tensors(name, gemm):
+    """rollout.precision=fp8: the plan's FP8 weights are the e4m3 values + scales Fp8Weights holds (+ the reference
+    path's fp32 copy when the config asks for that path; `auto` on a GPU with FP8 matmuls keeps none)."""
+    from megatron_tlt.rollout import Fp8Weights
+
+    ps = init_parallel()
+    cfg = Config(model=MODELS[name], rollout=RolloutConfig(precision="fp8", fp8_gemm=gemm, fp8_block=32))
+    fp8 = Fp8Weights(Policy(cfg.model, ps.tp_group), block=32, gemm="reference")
+    fp8.load()
+    held = sum(w.nbytes + (w.dequantized.numel() * 4 if gemm == "reference" else 0) for w in fp8.weights.values())
+    assert memory_plan(cfg, world_size=1, group=ps.tp_group).ranks[0].fp8_weights == held > 0
+    cfg.rollout.precision = "auto"
+    assert memory_plan(cfg, world_size=1, group=ps.tp_group).ranks[0].fp8_weights == 0
 
 
 def test_optimizer_step_transient_is_one_moment_of_the_foreach_step():

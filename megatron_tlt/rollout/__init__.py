@@ -11,12 +11,14 @@ tree maths, drafting and verification, the draft-shape selector).
 Code outside `rollout/` imports from here only.
 """
 from megatron_tlt.rollout.engine import DEFAULT_SHAPES, DRAFT_MODES, SPEC_MODES, RolloutEngine
+from megatron_tlt.rollout.fp8 import QUANTIZED_LINEARS, Fp8Weights
 from megatron_tlt.rollout.model_calls import PRECISIONS
 from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
 from megatron_tlt.rollout.spec.selector import DraftSelector, DraftShape
 from megatron_tlt.rollout.types import Completion, DecodeRows, StepOutput
 
 __all__ = [
-    "DEFAULT_SHAPES", "DRAFT_MODES", "PRECISIONS", "SPEC_MODES", "Completion", "DecodeRows", "DraftSelector", "DraftShape", "RolloutEngine",
+    "DEFAULT_SHAPES", "DRAFT_MODES", "PRECISIONS", "QUANTIZED_LINEARS", "SPEC_MODES", "Completion", "DecodeRows", "DraftSelector",
+    "DraftShape", "Fp8Weights", "RolloutEngine",
     "SamplingParams", "StepOutput", "sample", "target_logprobs",
 ]

@@ -35,8 +35,7 @@ from common import add_model_args, trained_models  # noqa: E402
 
 from megatron_tlt.config.schema import DTYPES  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
-from megatron_tlt.rollout import RolloutEngine, SamplingParams  # noqa: E402
-from megatron_tlt.rollout.fp8 import Fp8Weights  # noqa: E402
+from megatron_tlt.rollout import Fp8Weights, RolloutEngine, SamplingParams  # noqa: E402
 
 
 def _mb(n: float) -> str:
