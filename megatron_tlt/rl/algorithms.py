@@ -1,4 +1,4 @@
-"""RL maths for the policy update: advantages, the clipped policy loss, overlong handling, dynamic sampling.
+"""RL maths for the policy update: advantages, the clipped policy loss, rollout correction, overlong handling, dynamic sampling.
 
 Everything here is a small pure function on tensors; the trainer (`megatron_tlt/train.py`) wires
 them together from the config. No function knows about models, parallelism or the rollout engine.
@@ -42,6 +42,22 @@ splits one), because len_i is counted per call. If the data-parallel gradient re
 
 Log-ratios are clamped to [-20, 20] before `exp` and non-loss tokens are zeroed *before* any
 arithmetic, so garbage (even inf/NaN) logprobs at masked positions never reach the loss or gradient.
+
+Rollout correction (`rollout_correction`): the rollout engine's policy (another kernel, FP8, ...) is not
+exactly the trained one, so its samples are slightly off-policy even before the first update. With
+rho_t = exp(old_t - rollout_t) (old: the trainer's own pre-update logprobs; rollout: `Sample.rollout_logprobs`):
+
+    none          nothing changes (the diagnostics below are still reported)
+    tis           truncated importance sampling: pg_t multiplied by min(rho_t, tis_cap), detached
+                  (`policy_loss(token_weights=...)`; the KL-to-reference term is not reweighted)
+    mis  token    masked importance sampling (verl's rejection sampling): tokens with rho_t outside
+                  [mis_low, mis_high] leave the loss mask
+    mis  sequence the same for whole samples, by the geometric mean exp(mean_t log rho_t) over their loss tokens
+
+MIS follows verl's rejection sampling (docs "Rollout Correction", and PR #3915 "Separate IS Weights from
+Rejection Sampling", which applies it through the response mask and excludes the rejected tokens and fully
+rejected sequences from the loss denominators): a rejected token leaves the loss mask, so it gets no loss at
+all (neither the PG nor the KL term) and is not counted in `loss_normalisers` or in len_i.
 """
 from __future__ import annotations
 
@@ -55,6 +71,8 @@ AdvantageFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rewards [
 BatchSum = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the whole batch (e.g. an all-reduce over DP)
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+MIS_LEVELS = ("token", "sequence")
 TRUNCATED_FINISH_REASON = "length"  # rollout `Completion.finish_reason` of a response cut at the length limit
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: finite in fp32/bf16, far beyond any clip range
 
@@ -234,6 +252,7 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip loss of one micro-batch on flat per-token tensors; formulas in the module docstring.
 
@@ -243,7 +262,9 @@ def policy_loss(
     ref_logprobs, entropy: [T] or None. `num_global_tokens` / `num_global_seqs` (int or 0-dim tensor)
     are the step's totals from `loss_normalisers`; None means this call is the whole step.
     `max_response_len` is the constant of "seq_mean_token_sum_norm". `dual_clip` (> 1, e.g. 3) caps
-    the loss of negative-advantage tokens at -A * dual_clip.
+    the loss of negative-advantage tokens at -A * dual_clip. token_weights: [T] or None, multiplies each
+    token's policy-gradient term pg_t (not the KL term), e.g. the TIS weights of `rollout_correction`;
+    treated as constants (detached).
 
     Host syncs: none for "token_mean" and "seq_mean_token_sum_norm" with the normalisers given;
     one (`torch.unique`) for "seq_mean_token_mean" and for a normaliser left to be counted.
@@ -254,12 +275,12 @@ def policy_loss(
     num_global_tokens: sum them over micro-batches and DP ranks for the step's token mean;
     `ratio_max` is a max: reduce it with max.
     """
-    per_token_inputs = (logprobs, old_logprobs, advantages, loss_mask, sample_ids, ref_logprobs, entropy)
+    per_token_inputs = (logprobs, old_logprobs, advantages, loss_mask, sample_ids, ref_logprobs, entropy, token_weights)
     per_token_inputs = [t for t in per_token_inputs if t is not None]
     if logprobs.dim() != 1 or any(t.shape != logprobs.shape for t in per_token_inputs):
         raise ValueError(
-            "expected [T] logprobs, old_logprobs, advantages, loss_mask, sample_ids (and ref_logprobs, entropy if given); "
-            f"got {[tuple(t.shape) for t in per_token_inputs]}"
+            "expected [T] logprobs, old_logprobs, advantages, loss_mask, sample_ids (and ref_logprobs, entropy, "
+            f"token_weights if given); got {[tuple(t.shape) for t in per_token_inputs]}"
         )
     if loss_mask.dtype != torch.bool:
         raise ValueError(f"loss_mask must be bool, got {loss_mask.dtype}")
@@ -285,7 +306,7 @@ def policy_loss(
     pg = torch.maximum(pg_unclipped, pg_clipped)  # [T]
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
-    per_token = pg  # [T]
+    per_token = pg if token_weights is None else pg * masked(token_weights.detach())  # [T]
     kl = None
     if ref_logprobs is not None:
         kl = kl_k3(masked(logprobs), masked(ref_logprobs))  # [T]; 0 off the mask
@@ -306,6 +327,65 @@ def policy_loss(
         if entropy is not None:
             metrics["entropy"] = masked(entropy).sum() / metric_norm
     return loss, metrics
+
+
+def rollout_correction(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sample_ids: torch.Tensor,
+    mode: str = "none",
+    *,
+    tis_cap: float = 2.0,
+    mis_level: str = "token",
+    mis_low: float = 0.5,
+    mis_high: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The rollout-training mismatch correction of one micro-batch (see the module docstring).
+
+    old_logprobs: [T] the trainer's pre-update logprobs; rollout_logprobs: [T] the rollout engine's;
+    loss_mask: [T] bool; sample_ids: [T] int (each sample whole in this call, for mis_level "sequence").
+    mode: one of ROLLOUT_CORRECTIONS.
+
+    Returns (token_weights [T] fp32, loss_mask [T] bool, metrics): the TIS weights min(rho_t, tis_cap) for
+    "tis", else 1 (0 off the mask), for `policy_loss(token_weights=)`; the loss mask with the MIS rejections
+    removed ("mis"; the input mask otherwise), for `policy_loss` and `loss_normalisers`. metrics: detached
+    0-dim fp32 token sums over the *input* loss mask, to be summed over micro-batches and DP ranks:
+    `tokens`, `ratio_sum` (rho), `kl_k3_sum` (k3 of KL(rollout || train): exp(d) - d - 1, d = old - rollout,
+    an unbiased estimate on samples of the rollout policy), `truncated` (tis: tokens with rho > tis_cap; else 0),
+    `masked` (mis: tokens rejected; else 0); and `ratio_max` (reduce with max; 0 with no loss token).
+    """
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"unknown rollout correction {mode!r}; valid: {', '.join(ROLLOUT_CORRECTIONS)}")
+    if mis_level not in MIS_LEVELS:
+        raise ValueError(f"unknown mis_level {mis_level!r}; valid: {', '.join(MIS_LEVELS)}")
+    if any(t.shape != old_logprobs.shape for t in (rollout_logprobs, loss_mask, sample_ids)) or old_logprobs.dim() != 1:
+        raise ValueError("expected [T] old_logprobs, rollout_logprobs, loss_mask, sample_ids; got "
+                         f"{[tuple(t.shape) for t in (old_logprobs, rollout_logprobs, loss_mask, sample_ids)]}")
+    mask = loss_mask.float()  # [T]
+    d = torch.where(loss_mask, old_logprobs.detach().float() - rollout_logprobs.float(), 0.0)
+    d = d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [T] log rho, 0 off the mask
+    ratio = d.exp()  # [T]; 1 off the mask
+    zero = mask.new_zeros(())
+    metrics = {
+        "tokens": mask.sum(), "ratio_sum": (ratio * mask).sum(), "kl_k3_sum": (ratio - d - 1).sum(),  # 0 off the mask
+        "ratio_max": (ratio * mask).amax() if ratio.numel() else zero, "truncated": zero, "masked": zero,
+    }
+    if mode == "tis":
+        metrics["truncated"] = ((ratio > tis_cap) & loss_mask).float().sum()
+        return ratio.clamp(max=tis_cap) * mask, loss_mask, metrics
+    if mode == "mis":
+        if mis_level == "sequence":  # geometric mean of each sample's token ratios, broadcast to its tokens
+            samples, index = torch.unique(sample_ids, return_inverse=True)  # [S], [T]
+            log_sum = d.new_zeros(samples.numel()).index_add_(0, index, d)  # [S]
+            count = mask.new_zeros(samples.numel()).index_add_(0, index, mask)  # [S]
+            level = (log_sum / count.clamp_min(1)).exp()[index]  # [T]
+        else:
+            level = ratio
+        keep = loss_mask & (level >= mis_low) & (level <= mis_high)
+        metrics["masked"] = (loss_mask & ~keep).float().sum()
+        return keep.float(), keep, metrics
+    return mask, loss_mask, metrics
 
 
 # ----------------------------------------------------------------------------------------------
