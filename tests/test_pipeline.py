@@ -40,14 +40,14 @@ def _single_state(ps):
                                pp_group=one, dp_group=one, embedding_group=None)
 
 
-def _update(model, ps, steps: int, kl: float = 0.0):
-    optim = OptimConfig(lr=1e-2, micro_batch_tokens=40, grad_clip=0.5)
+def _update(model, ps, steps: int, kl: float = 0.0, mini_batches: int = 1, correction: str = "none"):
+    optim = OptimConfig(lr=1e-2, micro_batch_tokens=40, grad_clip=0.5, mini_batches=mini_batches)
     ref = None
     if kl:
         ref = build_stage(model.cfg, ps.tp_group, ps.pp_rank, ps.pp_size, len(model.chunks), init_weights=False) \
             if hasattr(model, "chunks") else Policy(model.cfg, ps.tp_group, init_weights=False)
         ref.load_state_dict(model.state_dict())
-    trainer = PolicyTrainer(model, optim, AlgoConfig(kl_coef=kl), ps, total_steps=4, ref_model=ref)
+    trainer = PolicyTrainer(model, optim, AlgoConfig(kl_coef=kl, rollout_correction=correction), ps, total_steps=4, ref_model=ref)
     samples = _samples()
     bins = [list(range(0, 4)), list(range(4, 7)), list(range(7, 10))]
     metrics = [trainer.step(samples, bins, max_response_len=12)[0] for _ in range(steps)]
@@ -59,7 +59,7 @@ def _check_equal(stage_sd, ref_sd, ps, what, atol=1e-5):
         torch.testing.assert_close(t, ref_sd[name], rtol=1e-4, atol=atol, msg=lambda m: f"{what} {name}: {m}")
 
 
-def _update_case(tp, pp, vpp, tied, kl):
+def _update_case(tp, pp, vpp, tied, kl, mini_batches=1, correction="none"):
     ps = init_parallel(ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_size=vpp))
     cfg = ModelConfig(**CFG, tie_word_embeddings=tied)
     torch.manual_seed(0)
@@ -68,10 +68,13 @@ def _update_case(tp, pp, vpp, tied, kl):
     torch.manual_seed(0)
     full = Policy(cfg, one.tp_group)
     _check_equal(gather_full_state_dict(stage, ps.tp_group), full.state_dict(), ps, "init")
-    got = _update(stage, ps, steps=2, kl=kl)
-    want = _update(full, one, steps=2, kl=kl)
+    got = _update(stage, ps, steps=2, kl=kl, mini_batches=mini_batches, correction=correction)
+    want = _update(full, one, steps=2, kl=kl, mini_batches=mini_batches, correction=correction)
     for g, w in zip(got, want):
-        for key in ("loss", "grad_norm", "entropy", "clip_frac", "kl_ref"):
+        assert g.keys() == w.keys() and g["optimizer_steps"] == mini_batches
+        if correction == "mis":  # the pre-update logprobs reject some tokens, the same ones at PP = 1
+            assert 0 < g["rollout_masked_frac"] < 1 and g["rollout_masked_frac"] == pytest.approx(w["rollout_masked_frac"])
+        for key in ("loss", "grad_norm", "entropy", "clip_frac", "kl_ref", "rollout_ratio_mean", "rollout_kl_k3", "train_tokens"):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (key, g, w)
     _check_equal(gather_full_state_dict(stage, ps.tp_group), dict(full.named_parameters()), ps, "weights after 2 updates")
     grads = {n: p.grad for n, p in full.named_parameters()}
@@ -222,6 +225,7 @@ def _empty_replica_case():
 
 def _pp2_worker(rank, world):
     cases = [(_empty_replica_case,), (_update_case, 1, 2, 1, False, 0.0), (_update_case, 1, 2, 2, False, 0.0), (_update_case, 1, 2, 1, True, 0.1),
+             (_update_case, 1, 2, 1, False, 0.0, 2, "mis"),  # the old-logprob pass and MIS masks through the pipeline
              (_sft_case, 2), (_rollout_case, 1), (_rollout_case, 2), (_rollout_case, 1, "fp8")]
     for case, *args in cases:  # one pair of processes, a layout per case
         case(*args)
