@@ -1,13 +1,19 @@
 """Rollout-training mismatch correction (`rl.algorithms.rollout_correction`): TIS weights with a cap, MIS at the
 token and the sequence (geometric mean) level, the diagnostics, and the losses they give in `policy_loss`
 (TIS reweights the PG term only; MIS rejections leave the loss and its normalisers). Every expected number is
-worked out here by hand."""
+worked out here by hand; then the same through `PolicyTrainer.step`."""
 import math
 
 import pytest
 import torch
+from test_train import CFG, make_samples
 
+from megatron_tlt.config.schema import AlgoConfig, OptimConfig
+from megatron_tlt.data.packing import plan_micro_batches
+from megatron_tlt.models.transformer import Policy
+from megatron_tlt.parallel import init_parallel
 from megatron_tlt.rl.algorithms import loss_normalisers, policy_loss, rollout_correction
+from megatron_tlt.trainer.policy import PolicyTrainer
 
 LN = math.log
 
@@ -113,3 +119,28 @@ def test_bad_arguments():
         rollout_correction(old, rollout, mask, ids, "mis", mis_level="geometric")
     with pytest.raises(ValueError, match="expected"):
         rollout_correction(old, rollout[:3], mask, ids, "tis")
+
+
+# ---- wired into the trainer: the rollout's logprobs (-4 for every token) against the trainer's own (about -4.6) ----
+def _trainer_step(ps, **algo):
+    torch.manual_seed(0)
+    trainer = PolicyTrainer(Policy(CFG, ps.tp_group), OptimConfig(lr=1e-2, micro_batch_tokens=40), AlgoConfig(**algo), ps,
+                            total_steps=1)
+    samples = make_samples(ps)
+    return trainer.step(samples, plan_micro_batches([len(s.tokens) for s in samples], 40), max_response_len=16)[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_trainer_applies_the_correction_and_reports_the_mismatch():
+    ps = init_parallel()
+    plain = _trainer_step(ps)
+    assert 0.3 < plain["rollout_ratio_mean"] < 1 and plain["rollout_kl_k3"] > 0 and plain["logprob_gap_rollout"] > 0
+    assert "rollout_truncated_frac" not in plain and "rollout_masked_frac" not in plain
+    # a cap below every ratio: every weight is the cap, so the on-policy loss (ratio 1) scales by it exactly
+    tis = _trainer_step(ps, rollout_correction="tis", tis_cap=1e-3)
+    assert tis["rollout_truncated_frac"] == 1 and tis["loss"] == pytest.approx(1e-3 * plain["loss"], rel=1e-5)
+    assert tis["rollout_ratio_mean"] == plain["rollout_ratio_mean"]  # the diagnostics do not depend on the mode
+    # bounds above every ratio: every token rejected, no loss and no gradient
+    mis = _trainer_step(ps, rollout_correction="mis", mis_low=2.0, mis_high=3.0)
+    assert mis["rollout_masked_frac"] == 1 and mis["loss"] == 0 and mis["grad_norm"] == 0
+    assert mis["train_tokens"] == plain["train_tokens"] > 0
