@@ -2,6 +2,7 @@
 single-mini-batch updates on the two shares (weights, the lr schedule counted in optimizer steps, AdamW's state),
 at DP=1 and DP=2; the PPO clip acts on the second mini-batch only with a large lr; the old-policy logprobs come
 from one forward-only pass (the pre-update policy's) with more than one update and from no extra pass with one."""
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,6 +85,51 @@ def test_two_mini_batches_equal_two_sequential_updates():
     assert metrics["grad_norm"] == pytest.approx(max(e["grad_norm"] for e in expected), rel=1e-6)
     assert metrics["lr"] == expected[0]["lr"] == OPTIM.lr
     assert metrics["train_tokens"] == sum(e["train_tokens"] for e in expected)
+
+
+def test_two_mini_batches_equal_two_sequential_updates_against_the_pre_update_old_policy(monkeypatch):
+    """Both shares with their advantages: the second mini-batch's PPO ratio is to the pre-update policy (the one
+    that drew the samples), so the sequential reference's second update is given that policy as its old one. MIS
+    with bounds that reject nothing makes a single update take the old-logprob pass, which runs the reference's on a
+    frozen copy of the initial policy; the mini-batch trainer takes the same pass on its own pre-update weights.
+    Each reference update packs its share's micro-batches as the mini-batch trainer does (the same sums)."""
+    ps = init_parallel()
+    torch.manual_seed(0)
+    init = gather_full_state_dict(Policy(CFG, ps.tp_group))
+    samples = make_samples(ps)
+    plan = plan_micro_batches([len(s.tokens) for s in samples], TOKENS)
+    shares = []  # per mini-batch: (its samples, its micro-batches as index lists into them)
+    for share in split_mini_batches([len(s.tokens) for s in samples], plan, 2):
+        starts = [0, *itertools.accumulate(len(b) for b in share)]
+        shares.append(([samples[i] for b in share for i in b], [list(range(a, z)) for a, z in zip(starts, starts[1:])]))
+    algo = AlgoConfig(rollout_correction="mis", mis_low=0.0, mis_high=1e30)
+    optim = replace(OPTIM, lr=5e-2, eps=1e-8)  # a first update large enough that the second's ratio matters (and clips)
+    model = _model(ps, init)
+    metrics, _ = PolicyTrainer(model, replace(optim, mini_batches=2), algo, ps, total_steps=2).step(samples, plan, max_response_len=16)
+    assert metrics["clip_frac"] > 0  # the second update's ratio is not 1
+
+    def sequential(old_policy=None, algo=algo) -> dict[str, torch.Tensor]:
+        reference = _model(ps, init)
+        trainer = PolicyTrainer(reference, optim, algo, ps, total_steps=4)
+        if old_policy is not None:  # the old-logprob pass: the frozen policy's trunk and LM head
+            forward_only, old_head = trainer._forward_only, schedule_mod.head_chunk(old_policy)
+
+            def old_pass(_model, packs, head):
+                with monkeypatch.context() as m:
+                    m.setattr(policy_mod, "token_logprobs", lambda _chunk, *a, **kw: token_logprobs(old_head, *a, **kw))
+                    forward_only(old_policy, packs, head)
+
+            monkeypatch.setattr(trainer, "_forward_only", old_pass)
+        for share_samples, micro_batches in shares:
+            trainer.step(share_samples, micro_batches, max_response_len=16)
+        return gather_full_state_dict(reference)
+
+    got = gather_full_state_dict(model)
+    for name, p in sequential(old_policy=_model(ps, init)).items():
+        torch.testing.assert_close(got[name], p, rtol=1e-6, atol=1e-7, msg=name)
+    # the on-policy second update (old = the weights after the first) is a different step
+    on_policy = sequential(algo=AlgoConfig())
+    assert any(not torch.allclose(got[n], p, rtol=1e-4, atol=1e-5) for n, p in on_policy.items())
 
 
 def _dp_worker(rank: int, world_size: int, init_path: str, out: str) -> None:

@@ -139,6 +139,10 @@ def test_the_trainer_applies_the_correction_and_reports_the_mismatch():
     # a cap below every ratio: every weight is the cap, so the on-policy loss (ratio 1) scales by it exactly
     tis = _trainer_step(ps, rollout_correction="tis", tis_cap=1e-3)
     assert tis["rollout_truncated_frac"] == 1 and tis["loss"] == pytest.approx(1e-3 * plain["loss"], rel=1e-5)
+    assert tis["rollout_tis_weight_mean"] == pytest.approx(1e-3)
+    capped = _trainer_step(ps, rollout_correction="tis", tis_cap=2.0)  # the cap above every ratio: the weights are the ratios
+    assert capped["rollout_tis_weight_mean"] == pytest.approx(capped["rollout_ratio_mean"], rel=1e-6)
+    assert capped["rollout_ratio_max"] < 2.0
     assert tis["rollout_ratio_mean"] == plain["rollout_ratio_mean"]  # the diagnostics do not depend on the mode
     # bounds above every ratio: every token rejected, no loss and no gradient
     mis = _trainer_step(ps, rollout_correction="mis", mis_low=2.0, mis_high=3.0)

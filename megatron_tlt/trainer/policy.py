@@ -174,7 +174,7 @@ class PolicyTrainer:
         # each pack's first forward (the last stage): old-policy logprobs, the rollout correction, its diagnostics, hidden
         old: dict[int, torch.Tensor] = {}  # pack -> [T] detached
         corrected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pack -> (token weights [T], loss mask [T])
-        diag = torch.zeros(5, dtype=torch.float64)  # loss tokens, ratio sum, k3 sum, truncated or masked tokens, |gap| sum
+        diag = torch.zeros(6, dtype=torch.float64)  # loss tokens, ratio sum, k3 sum, truncated or masked tokens, |gap| sum, weight sum
         diag_max = torch.zeros(1, dtype=torch.float64)  # ratio max
         hidden_out: dict[int, torch.Tensor] = {}
 
@@ -188,7 +188,7 @@ class PolicyTrainer:
             old[k], corrected[k] = lp.detach(), (weights, mask)
             gap = (lp.detach() - rollout_lp).abs().where(loss_mask, 0.0).sum()
             dropped = m["truncated"] + m["masked"]  # the one of the mode (0 for none)
-            diag.add_(torch.stack([m["tokens"], m["ratio_sum"], m["kl_k3_sum"], dropped, gap]).double().cpu())
+            diag.add_(torch.stack([m["tokens"], m["ratio_sum"], m["kl_k3_sum"], dropped, gap, weights.sum()]).double().cpu())
             diag_max.clamp_(min=float(m["ratio_max"]))
             if collect_hidden:
                 for i, h in zip(pb.example_ids, unpack(hidden.detach(), pb.cu_seqlens)):
@@ -239,7 +239,7 @@ class PolicyTrainer:
         diag, diag_max = sum_over(self.ps.dp_group, diag, dev), max_over(self.ps.dp_group, diag_max, dev)
         if self.ps.pp_size > 1:  # computed on the last stage only
             diag, diag_max = sum_over(self.ps.pp_group, diag, dev), max_over(self.ps.pp_group, diag_max, dev)
-        tokens, ratio_sum, k3_sum, dropped, gap = diag.tolist()
+        tokens, ratio_sum, k3_sum, dropped, gap, weight_sum = diag.tolist()
         per_token = max(tokens, 1.0)
         # over the updates: the mean loss and token statistics, the largest gradient norm, counts of the outcomes
         metrics = {key: sum(u[key] for u in updates) / len(updates)
@@ -251,8 +251,10 @@ class PolicyTrainer:
             "optimizer_steps": float(sum(1 for u in updates if not u["skipped_update"])),
             "skipped_update": sum(u["skipped_update"] for u in updates),
         })
-        if algo.rollout_correction != "none":
-            metrics["rollout_truncated_frac" if algo.rollout_correction == "tis" else "rollout_masked_frac"] = dropped / per_token
+        if algo.rollout_correction == "tis":
+            metrics.update(rollout_truncated_frac=dropped / per_token, rollout_tis_weight_mean=weight_sum / per_token)
+        elif algo.rollout_correction == "mis":
+            metrics["rollout_masked_frac"] = dropped / per_token
         if any("rolled_back_update" in u for u in updates):
             metrics["rolled_back_update"] = sum(u.get("rolled_back_update", 0.0) for u in updates)
         return metrics, hidden_out
