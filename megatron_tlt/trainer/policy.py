@@ -37,8 +37,8 @@ Metrics: `loss`, `clip_frac`, `approx_kl`, `entropy`, `kl_ref` are means over th
 `grad_norm` their maximum, `lr` the first one's, `optimizer_steps` / `skipped_update` (/ `rolled_back_update`)
 counts; the mismatch diagnostics over the step's loss tokens under the pre-update weights, whatever the
 correction: `rollout_ratio_mean` / `rollout_ratio_max` of exp(old - rollout), `rollout_kl_k3` (k3 of
-KL(rollout || train)), `logprob_gap_rollout` (mean |old - rollout|), and with tis `rollout_truncated_frac`,
-with mis `rollout_masked_frac`.
+KL(rollout || train)), `logprob_gap_rollout` (mean |old - rollout|), and with tis `rollout_truncated_frac` and
+`rollout_tis_weight_mean` (the mean of min(ratio, cap)), with mis `rollout_masked_frac`.
 
     trainer = PolicyTrainer(model, cfg.optim, cfg.algo, ps, total_steps=cfg.run.steps, temperature=1.0)
     batch = exchange_for_update(local_samples, cfg.optim.micro_batch_tokens, ps)
