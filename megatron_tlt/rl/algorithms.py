@@ -368,7 +368,7 @@ def rollout_correction(
     ratio = d.exp()  # [T]; 1 off the mask
     zero = mask.new_zeros(())
     metrics = {
-        "tokens": mask.sum(), "ratio_sum": (ratio * mask).sum(), "kl_k3_sum": (ratio - d - 1).sum(),  # 0 off the mask
+        "tokens": mask.sum(), "ratio_sum": (ratio * mask).sum(), "kl_k3_sum": (torch.expm1(d) - d).sum(),  # 0 off the mask; expm1: no negative rounding
         "ratio_max": (ratio * mask).amax() if ratio.numel() else zero, "truncated": zero, "masked": zero,
     }
     if mode == "tis":
