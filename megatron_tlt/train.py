@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from megatron_tlt.config import Config, to_yaml
-from megatron_tlt.coordinator.assignment import RolloutId, assign_prompts
+from megatron_tlt.coordinator.assignment import RolloutId, RolloutScheduler
 from megatron_tlt.coordinator.exchange import exchange_for_update, return_hidden
 from megatron_tlt.data.datasets import PromptSampler
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES
@@ -56,10 +56,13 @@ def train(cfg: Config) -> Path:
     engine, drafter = build_engine(cfg, weights.model, rps)
     weights.engine = engine
     tlt = build_drafter_training(cfg, drafter, rps)  # does nothing unless the drafter is trained online
+    # which rollout replica runs which prompt group, in which order (coordinator.*: round-robin in order by default)
+    scheduler = RolloutScheduler(cfg.coordinator, rps, slots=engine.num_slots, n=cfg.rollout.n,
+                                 default_length=cfg.rollout.max_new_tokens / 2)
     reward_fn = build_reward_fn([{"name": r.name, "weight": r.weight} for r in cfg.reward.fns])
     trainer = PolicyTrainer(model, cfg.optim, cfg.algo, ps, total_steps=cfg.run.steps, temperature=cfg.rollout.temperature,
                             ref_model=frozen_copy(model) if cfg.algo.kl_coef > 0 else None)
-    state = RunState(model, trainer, sampler, drafter, tlt.drafter_trainer)
+    state = RunState(model, trainer, sampler, drafter, tlt.drafter_trainer, scheduler)
     tokenizer_files = {f: tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()}
 
     start = 0
@@ -98,11 +101,13 @@ def train(cfg: Config) -> Path:
                         break
                     rid = RolloutId(step, round_)
                     # the same draw on every rank; each rollout replica rolls out its share
-                    mine = assign_prompts(sampler.take(want), tally.drawn, rps)  # {group id: dataset index}
+                    mine = scheduler.assign(sampler.take(want), tally.drawn)  # {group id: dataset index}, admission order
                     prompts = {g: train_ds[i] for g, i in mine.items()}
                     params = sampling_params(cfg.rollout, tokenizer, rid.seed(cfg.run.seed))
                     new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
                     tally.add_engine(engine.stats)
+                    # the lengths to every replica: the next draws' predictions (and this draw's scheduling metrics)
+                    tally.metrics.update(scheduler.observe(new, mine, engine.stats, engine.stats.wall_s))
                     new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)
                     tally.add_rewards(reward_stats)
                     rollout_log.write(step, new, mine)  # run.save_rollouts: RUN_DIR/rollouts/rank{R}.jsonl

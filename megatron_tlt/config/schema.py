@@ -28,6 +28,8 @@ ROLLOUT_PRECISIONS = ("auto", "fp8")  # rollout.precision
 FP8_GEMMS = ("auto", "scaled_mm", "triton", "reference")  # rollout.fp8_gemm: ops.fp8.GEMM_PATHS + auto
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")  # algo.rollout_correction
 MIS_LEVELS = ("token", "sequence")  # algo.mis_level
+ASSIGNMENTS = ("round_robin", "balanced")  # coordinator.assignment
+ADMISSIONS = ("in_order", "longest_first")  # coordinator.admission
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")  # rl.algorithms.ADVANTAGES
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")  # rl.algorithms.AGGREGATIONS
 OVERLONG_MODES = ("none", "mask", "penalty")
@@ -242,6 +244,23 @@ class RolloutConfig:
 
 
 @dataclass
+class CoordinatorConfig:
+    # The long-tail-aware scheduler (coordinator/scheduler.py). Lossless: a request's samples depend only on its own
+    # seed and positions, so where and when it runs changes nothing but time.
+    # round_robin: prompt k of a draw to rollout-DP rank k % dp | balanced: whole groups to the ranks that minimise
+    # the predicted makespan (each prompt's past response lengths; the rank's KV slots)
+    assignment: str = "round_robin"
+    admission: str = "in_order"  # in_order (the draw's order) | longest_first (by predicted length)
+    # a prompt's predicted lengths: EMAs of its groups' mean and max, ema <- decay * ema + (1 - decay) * observed
+    length_decay: float = 0.5
+
+    def __post_init__(self):
+        check_choice("coordinator.assignment", self.assignment, ASSIGNMENTS)
+        check_choice("coordinator.admission", self.admission, ADMISSIONS)
+        check_range("coordinator.length_decay", self.length_decay, ge=0, lt=1)
+
+
+@dataclass
 class DrafterConfig:
     path: Optional[str] = None  # warm-start drafter dir (`megatron-tlt train-drafter`); None = freshly initialised
     online: bool = True  # TLT: train the drafter on DP ranks that finished their rollouts (spot training)
@@ -415,6 +434,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)

@@ -7,7 +7,7 @@
 
 Held: the policy, its AdamW state (resharded like the model; under optim.distributed each DP rank saves and
 loads the shard it owns, so a run resumes at another DP size, sharded or not), the lr schedule, the prompt
-sampler's position, torch's RNG state, and under SD the drafter (its AdamW state and step count under TLT).
+sampler's position, torch's RNG state, the scheduler's length predictions, and under SD the drafter (its AdamW state and step count under TLT).
 Training 4 steps equals training 2, resuming and training 2 more, bit for bit (tests/test_train.py; at DP=2
 with optim.distributed, tests/test_distributed_optimizer.py).
 
@@ -190,6 +190,7 @@ class RunState:
     sampler: Any  # data.datasets.PromptSampler
     drafter: Any = None  # under speculative rollouts
     drafter_trainer: Any = None  # under TLT (online drafter training)
+    scheduler: Any = None  # coordinator.assignment.RolloutScheduler (its length predictions)
 
     def _states(self) -> dict:
         """Views of everything a resume restores (loaded in place by DCP). Optimizer state that does not exist
@@ -199,6 +200,8 @@ class RunState:
             "optimizer": optimizer_state(self.model, self.trainer.optimizer),
             "trainer": {**self.trainer.state_dict(), "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state()},
         }
+        if self.scheduler is not None:
+            states["trainer"]["rollout_scheduler"] = json.dumps(self.scheduler.state_dict())
         if self.drafter is not None:
             states["drafter"] = module_state(self.drafter, self.drafter.tp_group)
         if self.drafter_trainer is not None:
@@ -220,6 +223,8 @@ class RunState:
         self.trainer.load_state_dict(trainer_state)
         self.sampler.load_state_dict(trainer_state["sampler"])
         torch.set_rng_state(trainer_state["torch_rng"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(json.loads(trainer_state["rollout_scheduler"]))
         if self.drafter_trainer is not None:
             self.drafter_trainer.steps = int(trainer_state["drafter_steps"])
         return int(meta["step"])

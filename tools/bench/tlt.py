@@ -9,6 +9,8 @@ invocation then runs the same GRPO workload from it three times, each as a 2-DP-
 - nosd:   rollout.spec=off
 - frozen: rollout.spec=adaptive, drafter.online=false (the offline drafter, never trained again)
 - tlt:    rollout.spec=adaptive, drafter.online=true  (the same drafter, then spot training on idle ranks)
+- sched:  rollout.spec=off with the long-tail scheduler (coordinator.assignment=balanced, admission=longest_first)
+- tlt_sched: tlt with the scheduler (--modes picks; the scheduler's predictions need prompts that recur: --prompt-pool)
 Rollouts sample at temperature 1, as in RL. Rewards: the task's verifier plus 0.5 x the format reward (a
 final answer is stated), so the policy has a signal, and moves, even while it rarely solves a task.
 
@@ -32,6 +34,12 @@ under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_ti
                                          # per mode ~1 min of start-up and evaluations, then 12 steps of ~16 s (no SD)
                                          # or ~8 s (SD) with 4 prompts x 8 samples
     python tools/bench/tlt.py --quick    # 3 steps of 4 prompts x 4 samples up to 256 tokens: a few minutes
+    python tools/bench/tlt.py --modes nosd,sched,tlt,tlt_sched --prompt-pool 16 --lr 1e-12   # the scheduler (see below)
+
+The scheduler places samples on other ranks, so the update packs and sums them in another order: the weights
+then differ in their last bits and sampled rollouts drift apart after a few steps (the identical-rollouts line
+says when). --lr 1e-12 keeps the fp32 weights unchanged, so every mode rolls out exactly the same tokens at every
+step (the same work) and only the time differs.
     python tools/bench/tlt.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 --prompts 64   # on a GPU
 
 Ratios only on CPU: absolute times on a shared CPU are noisy, and a small model's decode step is
@@ -53,10 +61,13 @@ from megatron_tlt.cli.demo import train_on_local_ranks  # noqa: E402
 from megatron_tlt.metrics import ROLLOUTS_DIR, read_jsonl  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
 
+SCHEDULER = ["coordinator.assignment=balanced", "coordinator.admission=longest_first"]
 MODES = {
     "nosd": ("no SD", ["rollout.spec=off"]),
     "frozen": ("SD, frozen drafter", ["rollout.spec=adaptive", "drafter.online=false"]),
     "tlt": ("TLT", ["rollout.spec=adaptive", "drafter.online=true"]),
+    "sched": ("scheduler only", ["rollout.spec=off", *SCHEDULER]),
+    "tlt_sched": ("TLT + scheduler", ["rollout.spec=adaptive", "drafter.online=true", *SCHEDULER]),
 }
 
 
@@ -67,7 +78,7 @@ def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
         f"run.dir={Path(a.out) / mode}", f"run.seed={a.seed}", "run.tensorboard=false", "run.eval_every=0",
         f"run.model_path={models_dir / POLICY_DIR}", f"drafter.path={models_dir / DRAFTER_DIR}",
         "run.sft_steps=0", "drafter.warmup_steps=0",
-        f"data.task={a.task}", f"data.num_examples={data.num_examples}", "data.eval_examples=4",
+        f"data.task={a.task}", f"data.num_examples={a.prompt_pool or data.num_examples}", "data.eval_examples=4",
         f"data.max_prompt_tokens={data.max_prompt_tokens}", f"reward.fns=[{{name: {verifier}}}, {{name: format, weight: 0.5}}]", "reward.num_workers=0",
         f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "rollout.temperature=1.0",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
@@ -118,7 +129,7 @@ def summarize(rows: list[dict], skip: int) -> dict[str, float]:
         "recovered_s": total("idle_rank_s_recovered"), "idle_s": total("idle_rank_s"),
         "after_stop": mean("stop_latency_s") + mean("merge_time_s"),
         "p50": mean("response_len_p50"), "p90": mean("response_len_p90"), "max": max(r.get("response_len_max", 0) for r in rows),
-        "reward": mean("reward_mean"),
+        "reward": mean("reward_mean"), "imbalance": mean("rollout_imbalance"), "corr": mean("sched_length_corr"),
         "tokens": mean_of(lambda r: r["num_samples"] * r["response_len_mean"]),  # generated per step
         "longest": mean("response_len_max"),
     }
@@ -138,7 +149,10 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="policy learning rate (how fast the policy moves)")
     p.add_argument("--drafter-lr-online", type=float, default=3e-4)
     p.add_argument("--drafter-tokens", type=int, default=512, help="tokens per drafter step: the unit of preemption")
-    p.add_argument("--modes", default="nosd,frozen,tlt")
+    p.add_argument("--modes", default="nosd,frozen,tlt", help=f"a comma list of {', '.join(MODES)}")
+    p.add_argument("--prompt-pool", type=int, default=0,
+                   help="training prompts the steps draw from (0: the task's 4096); a small pool recurs over the steps (epochs), "
+                        "so the scheduler's per-prompt length predictions have a history")
     a = p.parse_args(argv)
     shaping = bench_config(a)
     room = shaping.model.max_position_embeddings - shaping.data.max_prompt_tokens
@@ -170,7 +184,7 @@ def main(argv=None) -> None:
               f"{s['reward']:>7.3f} {s['tokens']:>7.0f} {s['longest']:>8.0f}")
     if "nosd" in res:
         base = res["nosd"]
-        others = [(m, name) for m, name in (("frozen", "frozen"), ("tlt", "TLT")) if m in res]
+        others = [(m, MODES[m][0]) for m in ("frozen", "tlt", "sched", "tlt_sched") if m in res]
         print(f"rollout share of the no-SD step: {100 * base['rollout_share']:.0f}%")
         if others:
             print("rollout speedup vs no-SD: " + ", ".join(f"{name} {base['rollout'] / res[m]['rollout']:.2f}x" for m, name in others))
@@ -183,6 +197,12 @@ def main(argv=None) -> None:
             firsts = [(name, first) for name, _, first in compared if first is not None]
             print("first step where a sequence differs: " + (f"{min(f for _, f in firsts)} (" + ", ".join(
                 f"{name} step {f}" for name, f in firsts) + ")" if firsts else "none"))
+        if "sched" in res:
+            print(f"scheduler only: rollout makespan {100 * (1 - res['sched']['rollout'] / base['rollout']):.1f}% shorter than "
+                  f"no SD's (target >= 20%); rollout imbalance (slowest rank / mean) {base['imbalance']:.3f} -> "
+                  f"{res['sched']['imbalance']:.3f}; predicted vs actual group length correlation {res['sched']['corr']:.2f}")
+        if "tlt_sched" in res:
+            print(f"TLT + scheduler: step speedup vs no SD {base['step'] / res['tlt_sched']['step']:.2f}x (target >= 2.3x)")
     if "tlt" in res:
         s = res["tlt"]
         print(f"drafter training on the critical path: {100 * s['after_stop'] / s['step']:.1f}% of step time "
