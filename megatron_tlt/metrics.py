@@ -9,16 +9,30 @@ With `run.save_rollouts`, every rollout-DP rank also appends the samples it roll
 sample, named by step, group id, dataset index and index within its group, so runs can be compared
 sample by sample (e.g. SD on vs off, which sample the same tokens).
 
+Always, every rollout-DP rank (TP rank 0) appends one row per RL step to `RUN_DIR/timeline/rank{R}.jsonl`
+(`TimelineLog`, truncated on resume the same way): `{"step": s, "step_s": this rank's step time, "spans":
+[[name, start_s, end_s], ...]}` in seconds from this rank's step start, for `megatron-tlt plot`'s timeline.png.
+No collective runs between a step's start and the end of the rollout (the first is the scheduler's all_gather
+after it), so each rank's times count from its own step start and the plot aligns the ranks there, on one
+machine or many. The ranks leave a step together (its metrics' all-reduce) and start the next one apart by
+what a rank does alone in between: the main rank's logging and checkpoint writing (milliseconds, usually).
+
     with MetricsLogger(run_dir, total_steps=100, start_step=0, enabled=ps.is_main) as logger:
         logger.log(step, {"reward_mean": 0.3, ...}, response_lengths=[...])
     rollouts = RolloutLog(run_dir, rps.dp_rank, start_step=0, enabled=cfg.run.save_rollouts and rps.tp_rank == 0)
     rollouts.write(step, samples, {group id: dataset index})
+    timeline = TimelineLog(run_dir, rps.dp_rank, start_step=0, enabled=rps.tp_rank == 0)
+    timeline.start(time.perf_counter())         # at the step's start
+    with timeline.span("rollout"): ...
+    timeline.write(step, step_s)
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +41,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 LENGTHS_FILE = "response_lengths.jsonl"
 ROLLOUTS_DIR = "rollouts"
+TIMELINE_DIR = "timeline"
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
@@ -154,6 +169,40 @@ class RolloutLog:
             }))
         with open(self.path, "a") as f:
             f.write("".join(row + "\n" for row in rows))
+
+
+class TimelineLog:
+    """Appends this rank's spans of each RL step (named stages: rollout, reward, drafter, merge, update; the gaps
+    are everything else) to `RUN_DIR/timeline/rank{R}.jsonl`; on resume it first drops the rows of steps >=
+    `start_step`. Without online drafter training the drafter and merge spans time the hooks' no-ops (microseconds).
+    Disabled, `span` still runs its block and records nothing."""
+
+    def __init__(self, run_dir, rank: int, start_step: int = 0, enabled: bool = True):
+        self.path = Path(run_dir) / TIMELINE_DIR / f"rank{rank}.jsonl" if enabled else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_from(self.path, start_step)
+        self._t0, self._spans = 0.0, []
+
+    def start(self, t0: float) -> None:
+        """A new step began at `t0` (time.perf_counter())."""
+        self._t0, self._spans = t0, []
+
+    @contextmanager
+    def span(self, name: str):
+        """Times the block as one span of the current step (also when it raises)."""
+        begin = time.perf_counter() - self._t0
+        try:
+            yield
+        finally:
+            self._spans.append([name, begin, time.perf_counter() - self._t0])
+
+    def write(self, step: int, step_s: float) -> None:
+        """The current step's row; `step_s`: its time on this rank (the metrics' step_time_s on the main rank)."""
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "step_s": step_s, "spans": self._spans}) + "\n")
 
 
 def read_jsonl(path) -> list[dict]:

@@ -22,7 +22,7 @@ from megatron_tlt.coordinator.assignment import RolloutId, RolloutScheduler
 from megatron_tlt.coordinator.exchange import exchange_for_update, return_hidden
 from megatron_tlt.data.datasets import PromptSampler
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES
-from megatron_tlt.metrics import MetricsLogger, RolloutLog
+from megatron_tlt.metrics import MetricsLogger, RolloutLog, TimelineLog
 from megatron_tlt.parallel import init_parallel, set_seed
 from megatron_tlt.rl.rewards import RewardPool, build_reward_fn
 from megatron_tlt.step.checkpointing import RunState, open_run_dir
@@ -89,8 +89,10 @@ def train(cfg: Config) -> Path:
         run_dir, cfg.run.steps, start, enabled=ps.is_main, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project
     ) as logger:
         rollout_log = RolloutLog(run_dir, rps.dp_rank, start, enabled=cfg.run.save_rollouts and rps.tp_rank == 0)
+        timeline = TimelineLog(run_dir, rps.dp_rank, start, enabled=rps.tp_rank == 0)  # RUN_DIR/timeline/rank{R}.jsonl
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
+            timeline.start(t0)  # the spans below: where this rank's step time went
             tally, samples = StepTally(), []
             # 1. rollout, 2. rewards (dynamic sampling draws more prompts while groups carry no signal)
             with weights.acquired(trainer.version):  # training layout -> rollout layout (when they differ)
@@ -104,24 +106,29 @@ def train(cfg: Config) -> Path:
                     mine = scheduler.assign(sampler.take(want), tally.drawn)  # {group id: dataset index}, admission order
                     prompts = {g: train_ds[i] for g, i in mine.items()}
                     params = sampling_params(cfg.rollout, tokenizer, rid.seed(cfg.run.seed))
-                    new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
+                    with timeline.span("rollout"):
+                        new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
                     tally.add_engine(engine.stats)
                     # the lengths to every replica: the next draws' predictions (and this draw's scheduling metrics)
                     tally.metrics.update(scheduler.observe(new, mine, engine.stats, engine.stats.wall_s))
-                    new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)
+                    with timeline.span("reward"):
+                        new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)
                     tally.add_rewards(reward_stats)
                     rollout_log.write(step, new, mine)  # run.save_rollouts: RUN_DIR/rollouts/rank{R}.jsonl
-                    tlt.rollout_done(rid)  # TLT: train the drafter until the slowest rank's rollout is done too
+                    with timeline.span("drafter"):
+                        tlt.rollout_done(rid)  # TLT: train the drafter until the slowest rank's rollout is done too
                     tally.drawn += want
                     samples += drop_equal_reward_groups(new) if cfg.algo.dynamic_sampling else new
-                tally.metrics.update(tlt.merge())
+                with timeline.span("merge"):
+                    tally.metrics.update(tlt.merge())
             # 3. advantages where the groups live, 4. packed policy update in the training layout
             samples, advantage_metrics = assign_advantages(samples, cfg.algo, cfg.rollout.max_new_tokens, rps)
             tally.metrics.update(advantage_metrics)
             batch = exchange_for_update(samples, cfg.optim.micro_batch_tokens, ps)
             if batch.response_lengths:
-                train_metrics, hidden = tally.timed("train_time_s", trainer.step, batch.samples, batch.micro_batches,
-                                                    cfg.rollout.max_new_tokens, collect_hidden=tlt.collect_hidden)
+                with timeline.span("update"):
+                    train_metrics, hidden = tally.timed("train_time_s", trainer.step, batch.samples, batch.micro_batches,
+                                                        cfg.rollout.max_new_tokens, collect_hidden=tlt.collect_hidden)
                 tally.metrics.update(train_metrics)
                 # TLT: the update's own forward fills the drafter's buffer (on the rollout replica of each sample)
                 if ps.same_layouts:
@@ -129,7 +136,9 @@ def train(cfg: Config) -> Path:
                 elif tlt.collect_hidden:
                     tlt.add_update(step, samples, return_hidden(batch, hidden, model.cfg.hidden_size, ps))
             # 5. log and checkpoint
-            metrics = step_metrics(batch, tally, time.perf_counter() - t0, cfg.rollout.spec != "off", rps)
+            step_s = time.perf_counter() - t0
+            timeline.write(step, step_s)
+            metrics = step_metrics(batch, tally, step_s, cfg.rollout.spec != "off", rps)
             done = step + 1
             if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
                 metrics["eval_accuracy"] = last_accuracy = held_out()

@@ -125,7 +125,7 @@ def test_metrics_plots_and_resume_is_bit_exact(tmp_path, spec):
     if spec != "off":
         assert sum(r["spec_row_steps"] for r in rows) > 0 and "accept_len" in rows[0]
     assert "eval_accuracy" in rows[-1]
-    assert {p.name for p in plot_run(straight)} == {"reward.png", "lengths.png", "time.png"}
+    assert {p.name for p in plot_run(straight)} == {"reward.png", "lengths.png", "time.png", "timeline.png"}
 
     train(_cfg(tmp_path, "resumed", "run.steps=4", "run.save_every=2", *extra))  # writes step_2 and step_4
     resumed_dir = tmp_path / "resumed"
