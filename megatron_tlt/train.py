@@ -109,14 +109,15 @@ def train(cfg: Config) -> Path:
                     with timeline.span("rollout"):
                         new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
                     tally.add_engine(engine.stats)
-                    # the lengths to every replica: the next draws' predictions (and this draw's scheduling metrics)
-                    tally.metrics.update(scheduler.observe(new, mine, engine.stats, engine.stats.wall_s))
                     with timeline.span("reward"):
                         new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)
                     tally.add_rewards(reward_stats)
                     rollout_log.write(step, new, mine)  # run.save_rollouts: RUN_DIR/rollouts/rank{R}.jsonl
                     with timeline.span("drafter"):
                         tlt.rollout_done(rid)  # TLT: train the drafter until the slowest rank's rollout is done too
+                    # the lengths to every replica (a collective, so after the drafter used the idle time): the next draws'
+                    # length predictions, and this draw's scheduling metrics
+                    tally.metrics.update(scheduler.observe(new, mine, engine.stats, engine.stats.wall_s))
                     tally.drawn += want
                     samples += drop_equal_reward_groups(new) if cfg.algo.dynamic_sampling else new
                 with timeline.span("merge"):
