@@ -8,30 +8,21 @@ from types import SimpleNamespace
 
 import pytest
 
+from test_save_rollouts import PROMPTS, STEPS, N, _cfg as tiny_run_config, _rows
+
 from megatron_tlt.cli.demo import train_on_local_ranks
-from megatron_tlt.config import load_config
 from megatron_tlt.config.schema import CoordinatorConfig
 from megatron_tlt.coordinator.assignment import RolloutScheduler
-
-STEPS, PROMPTS, N = 4, 4, 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(run_dir, *extra):
-    # 6 training prompts: each recurs every 1-2 steps, so the predictions have a history; lr 1e-12: the updates leave
-    # the fp32 weights as they are whatever rank holds which sample (the gradient sums' order then cannot matter)
-    return load_config(None, [
-        f"run.dir={run_dir}", f"run.steps={STEPS}", f"run.prompts_per_step={PROMPTS}", f"rollout.n={N}",
-        "rollout.max_new_tokens=12", "rollout.temperature=1.0", "data.num_examples=6", "data.eval_examples=4",
-        "reward.num_workers=0", "run.tensorboard=false", "model.hidden_size=32", "model.intermediate_size=64",
-        "model.num_layers=1", "run.save_every=2", "run.save_rollouts=true", "optim.lr=1e-12", "rollout.kv_cache_gb=0.0001",
-        *extra,
-    ])
-
-
-def _rows(run_dir) -> dict[int, list[dict]]:
-    return {r: [json.loads(line) for line in (run_dir / "rollouts" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    # test_save_rollouts' tiny 2-rank run, with 6 training prompts: each recurs every 1-2 steps, so the predictions
+    # have a history; 2 KV slots per rank; lr 1e-12: the updates leave the fp32 weights as they are whatever rank
+    # holds which sample (the gradient sums' order then cannot matter)
+    return tiny_run_config(run_dir, "rollout.max_new_tokens=12", "data.num_examples=6", "optim.lr=1e-12",
+                           "rollout.kv_cache_gb=0.0001", *extra)
 
 
 def _samples(rows: dict[int, list[dict]]) -> dict[tuple, list[int]]:
