@@ -12,10 +12,10 @@ sample by sample (e.g. SD on vs off, which sample the same tokens).
 Always, every rollout-DP rank (TP rank 0) appends one row per RL step to `RUN_DIR/timeline/rank{R}.jsonl`
 (`TimelineLog`, truncated on resume the same way): `{"step": s, "step_s": this rank's step time, "spans":
 [[name, start_s, end_s], ...]}` in seconds from this rank's step start, for `megatron-tlt plot`'s timeline.png.
-No collective runs between a step's start and the end of the rollout (the first is the scheduler's all_gather
-after it), so each rank's times count from its own step start and the plot aligns the ranks there, on one
-machine or many. The ranks leave a step together (its metrics' all-reduce) and start the next one apart by
-what a rank does alone in between: the main rank's logging and checkpoint writing (milliseconds, usually).
+Each rank's times count from its own step start and the plot aligns the ranks there, on one machine or many.
+The ranks leave a step together (its metrics' all-reduce), start the next one apart by what a rank does alone in
+between (the main rank's logging and checkpoint writing: milliseconds, usually), and meet again just before each
+rollout (`num_groups`' sum over DP), so the rollout spans start together to within a collective's latency.
 
     with MetricsLogger(run_dir, total_steps=100, start_step=0, enabled=ps.is_main) as logger:
         logger.log(step, {"reward_mean": 0.3, ...}, response_lengths=[...])

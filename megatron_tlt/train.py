@@ -117,7 +117,7 @@ def train(cfg: Config) -> Path:
                         tlt.rollout_done(rid)  # TLT: train the drafter until the slowest rank's rollout is done too
                     # the lengths to every replica (a collective, so after the drafter used the idle time): the next draws'
                     # length predictions, and this draw's scheduling metrics
-                    tally.metrics.update(scheduler.observe(new, mine, engine.stats, engine.stats.wall_s))
+                    tally.metrics.update(scheduler.observe(new, mine, engine.stats))
                     tally.drawn += want
                     samples += drop_equal_reward_groups(new) if cfg.algo.dynamic_sampling else new
                 with timeline.span("merge"):

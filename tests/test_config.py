@@ -77,7 +77,7 @@ def test_enumerated_names_match_their_registries():
     """config/ cannot import the packages that implement its names, so this keeps the two lists equal."""
     from megatron_tlt.data.synthetic import TASKS
     from megatron_tlt.ops.attention import BACKENDS
-    from megatron_tlt.rl.algorithms import ADVANTAGES, AGGREGATIONS
+    from megatron_tlt.rl.algorithms import ADVANTAGES, AGGREGATIONS, MIS_LEVELS, ROLLOUT_CORRECTIONS
     from megatron_tlt.rl.rewards import BUILTIN_REWARDS
     from megatron_tlt.ops.fp8 import GEMM_PATHS
     from megatron_tlt.rollout import DRAFT_MODES, PRECISIONS, SPEC_MODES
@@ -85,6 +85,8 @@ def test_enumerated_names_match_their_registries():
 
     assert sorted(schema.ADVANTAGE_ESTIMATORS) == sorted(ADVANTAGES)
     assert sorted(schema.LOSS_AGGREGATIONS) == sorted(AGGREGATIONS)
+    assert sorted(schema.ROLLOUT_CORRECTIONS) == sorted(ROLLOUT_CORRECTIONS)
+    assert sorted(schema.MIS_LEVELS) == sorted(MIS_LEVELS)
     assert sorted(schema.BUILTIN_REWARDS) == sorted(BUILTIN_REWARDS)
     assert sorted(schema.SPEC_MODES) == sorted(SPEC_MODES)
     assert sorted(schema.DRAFT_MODES) == sorted(DRAFT_MODES)

@@ -47,7 +47,7 @@ class RolloutScheduler:
         scheduler = RolloutScheduler(cfg.coordinator, ps.rollout, slots=engine.num_slots, n=cfg.rollout.n,
                                      default_length=cfg.rollout.max_new_tokens / 2)
         mine = scheduler.assign(dataset_indices, first_group)   # {group id: dataset index}, in admission order
-        metrics = scheduler.observe(samples, mine, engine.stats, rollout_s)   # after the rollout (a collective)
+        metrics = scheduler.observe(samples, mine, engine.stats)   # after the rollout (a collective)
     """
 
     def __init__(self, cfg: CoordinatorConfig, ps: ParallelState, slots: int, n: int, default_length: float):
@@ -68,7 +68,7 @@ class RolloutScheduler:
             mine = admission_order({g: self._predicted[g] for g in mine})
         return {g: dataset_indices[g - first_group] for g in mine}
 
-    def observe(self, samples, mine: dict[int, int], engine_stats, rollout_s: float) -> dict[str, float]:
+    def observe(self, samples, mine: dict[int, int], engine_stats) -> dict[str, float]:
         """After the rollout of `assign`'s draw: every group's response lengths to every DP rank (one all_gather of
         small lists), folded into the predictor in group order; returns the draw's scheduling metrics."""
         lengths: dict[int, list[int]] = {g: [] for g in mine}
@@ -78,9 +78,9 @@ class RolloutScheduler:
         decode_steps = float(len(engine_stats.decode_batch_sizes))
         if self.ps.dp_size > 1:
             everyone: list = [None] * self.ps.dp_size
-            dist.all_gather_object(everyone, (local, rollout_s, decode_steps), group=self.ps.dp_group)
+            dist.all_gather_object(everyone, (local, engine_stats.wall_s, decode_steps), group=self.ps.dp_group)
         else:
-            everyone = [(local, rollout_s, decode_steps)]
+            everyone = [(local, engine_stats.wall_s, decode_steps)]
         groups = sorted(g for part, _, _ in everyone for g in part)
         predicted = [sum(self._predicted[g]) / len(self._predicted[g]) for g, _, _ in groups]
         actual = [sum(x) / len(x) for _, _, x in groups]
