@@ -37,8 +37,8 @@ What a rank holds, per pipeline rank (each is a distinct kind of rank: TP and DP
   the hidden gradient; in a layer, the gradients of its input and output (its own gradients replace the
   saved tensors its backward frees), on top of the rebuilt layer with full recompute.
 - KV cache: as many slots of `data.max_prompt_tokens + rollout.max_new_tokens` positions as fit in
-  `rollout.kv_cache_gb` (+ one padding slot for CUDA graphs). The engine allocates it once, so it is held
-  in training too.
+  `rollout.kv_cache_gb`, at most `rollout.max_batch` (+ one padding slot for CUDA graphs). The engine allocates
+  it once, so it is held in training too.
 - rollout: the whole model at `rollout.tensor_parallel_size` (no pipeline stages), counted on top of the
   training weights when the layouts differ (PP > 1 or another TP): the trainer's weights stay. The response
   buffers (int64 token + fp32 logprob per slot and position) and the prefill of this rank's prompts (at
@@ -247,6 +247,7 @@ def memory_plan(cfg: Config, world_size: int, group) -> MemoryPlan:
     slots = int(r.kv_cache_gb * GB) // kv_per_slot
     if slots < 1:
         raise ValueError(f"rollout.kv_cache_gb={r.kv_cache_gb} is below one KV slot of {seq} tokens ({kv_per_slot} B)")
+    slots = min(slots, r.max_batch or slots)
     padded = slots + (r.cuda_graphs != "off")
     kv_cache = padded * kv_per_slot
     prompts = min(-(-cfg.run.prompts_per_step // (world_size // rtp)), max(slots // r.n, 1))

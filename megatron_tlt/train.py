@@ -103,11 +103,15 @@ def train(cfg: Config) -> Path:
                         break
                     rid = RolloutId(step, round_)
                     # the same draw on every rank; each rollout replica rolls out its share
-                    mine = scheduler.assign(sampler.take(want), tally.drawn)  # {group id: dataset index}, admission order
+                    draw = sampler.take(want)
+                    mine = scheduler.assign(draw, tally.drawn)  # {group id: dataset index}, admission order
                     prompts = {g: train_ds[i] for g, i in mine.items()}
+                    # coordinator.steal: idle replicas run queued requests of the others, results come back here
+                    shared = scheduler.shared_queue(
+                        str(rid), {tally.drawn + k: train_ds[i].prompt_ids for k, i in enumerate(draw)}, engine.max_seq_len)
                     params = sampling_params(cfg.rollout, tokenizer, rid.seed(cfg.run.seed))
                     with timeline.span("rollout"):
-                        new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version)
+                        new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version, shared)
                     tally.add_engine(engine.stats)
                     with timeline.span("reward"):
                         new, reward_stats = tally.timed("reward_time_s", score, new, prompts, pool, tokenizer)

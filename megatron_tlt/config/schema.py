@@ -200,6 +200,7 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 128
     kv_cache_gb: float = 1.0  # KV-cache budget per rank
+    max_batch: Optional[int] = None  # at most this many requests decode at once per rollout replica (KV slots); None: as many as fit
     spec: str = "off"  # off | chain | tree | adaptive (speculative decoding with the drafter)
     max_spec_batch: int = 32  # adaptive: live batches above this decode plainly
     # SD drafts: coupled = each node's first child is the drafter's sample under the target's position noise
@@ -240,6 +241,8 @@ class RolloutConfig:
         check_range("rollout.top_k", self.top_k, ge=0, integer=True)  # 0 = off
         check_range("rollout.max_new_tokens", self.max_new_tokens, ge=1, integer=True)
         check_range("rollout.kv_cache_gb", self.kv_cache_gb, gt=0)
+        if self.max_batch is not None:
+            check_range("rollout.max_batch", self.max_batch, ge=1, integer=True)
         check_range("rollout.max_spec_batch", self.max_spec_batch, ge=1, integer=True)
 
 
@@ -253,11 +256,16 @@ class CoordinatorConfig:
     admission: str = "in_order"  # in_order (the draw's order) | longest_first (by predicted length)
     # a prompt's predicted lengths: EMAs of its groups' mean and max, ema <- decay * ema + (1 - decay) * observed
     length_decay: float = 0.5
+    # work stealing (coordinator/stealing.py): a replica with free slots and an empty queue runs other replicas'
+    # queued requests and sends the results back; a replica waits at most steal_timeout_s for its requests' results
+    steal: bool = False
+    steal_timeout_s: float = 3600.0
 
     def __post_init__(self):
         check_choice("coordinator.assignment", self.assignment, ASSIGNMENTS)
         check_choice("coordinator.admission", self.admission, ADMISSIONS)
         check_range("coordinator.length_decay", self.length_decay, ge=0, lt=1)
+        check_range("coordinator.steal_timeout_s", self.steal_timeout_s, gt=0)
 
 
 @dataclass

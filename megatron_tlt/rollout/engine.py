@@ -64,6 +64,7 @@ kernels too (not built).
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from typing import Optional
@@ -75,7 +76,7 @@ from megatron_tlt.rollout.model_calls import ModelCalls
 from megatron_tlt.rollout.sampling import SamplingParams, sample, target_logprobs
 from megatron_tlt.rollout.spec.drafting import DrafterState, cache_headroom, feasible_shape, speculative_step
 from megatron_tlt.rollout.spec.selector import DraftSelector, DraftShape, arm_name
-from megatron_tlt.rollout.types import Completion, DecodeRows, EngineStats, OutputBuffers, Request, StepOutput
+from megatron_tlt.rollout.types import Completion, DecodeRows, EngineStats, OutputBuffers, Request, SharedQueue, StepOutput
 from megatron_tlt.seeds import derive_seed
 
 SPEC_MODES = ("off", "chain", "tree", "adaptive")
@@ -249,42 +250,57 @@ class RolloutEngine:
     # ---- the loop ----
     @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, seed_ids: Optional[list[int]] = None
+        self, prompts: list[list[int]], params: SamplingParams, seed_ids: Optional[list[int]] = None,
+        shared: Optional[SharedQueue] = None,
     ) -> list[list[Completion]]:
         """Completions [prompt][sample] for token-id prompts; ValueError on bad input before any work.
         `seed_ids` [P] name the prompts in their request seeds (default: their positions), so that a
-        prompt's samples do not depend on which batch or DP rank it lands in."""
+        prompt's samples do not depend on which batch or DP rank it lands in. With `shared` (work stealing,
+        which needs `seed_ids`) other rollout replicas may run some of these requests, and this engine runs
+        other replicas' queued requests once its own queue is empty: the Completions are the same either way."""
         params.validate()
         self._check_prompts(prompts)
         if seed_ids is None:
+            if shared is not None:
+                raise ValueError("a shared queue names requests by their seed ids: pass seed_ids")
             seed_ids = list(range(len(prompts)))
         elif len(seed_ids) != len(prompts):
             raise ValueError(f"{len(seed_ids)} seed_ids for {len(prompts)} prompts")
         with self.model_calls.target_weights():  # FP8 weights attached for the whole call (precision="fp8")
-            return self._generate(prompts, params, seed_ids)
+            return self._generate(prompts, params, seed_ids, shared)
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, seed_ids: list[int]) -> list[list[Completion]]:
+    def _request(self, prompt_index: int, sample_index: int, prompt: list[int], seed_id: int, params: SamplingParams) -> Request:
+        room = self.max_seq_len - len(prompt)
+        return Request(prompt_index, sample_index, prompt, min(params.max_new_tokens, room),
+                       derive_seed(params.seed, seed_id, sample_index), key=(seed_id, sample_index))
+
+    def _generate(
+        self, prompts: list[list[int]], params: SamplingParams, seed_ids: list[int], shared: Optional[SharedQueue]
+    ) -> list[list[Completion]]:
         t0 = time.perf_counter()
         self.stats = EngineStats()
         results: list[list[Optional[Completion]]] = [[None] * params.n for _ in prompts]
         pending: deque[Request] = deque()
         for i, prompt in enumerate(prompts):
-            room = self.max_seq_len - len(prompt)
             for j in range(params.n):
-                if room < 1:
+                if len(prompt) >= self.max_seq_len:
                     results[i][j] = Completion([], [], "prompt_too_long", stats={"prompt_tokens": len(prompt)})
-                    continue
-                seed = derive_seed(params.seed, seed_ids[i], j)
-                pending.append(Request(i, j, prompt, min(params.max_new_tokens, room), seed))
+                else:
+                    pending.append(self._request(i, j, prompt, seed_ids[i], params))
 
         buffers = self._output_buffers(params.max_new_tokens)
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=self.device)
         free_slots = list(range(self.num_slots))
         rows = DecodeRows.empty(self.model_calls.hidden_size, self.model_calls.hidden_dtype, self.device)
+        lost: list[Request] = []  # own requests another replica runs (work stealing)
         steps_done = 0
-        while pending or len(rows):
+        while True:
+            if shared is not None and free_slots:
+                self._share(shared, pending, len(free_slots), lost, params, len(prompts))
             if pending and free_slots:
                 rows = rows.cat(self._admit(pending, free_slots, steps_done))
+            if not len(rows):  # nothing queued either: with free slots, every queued request was admitted
+                break
             self.stats.decode_batch_sizes.append(len(rows))
             self.stats.queued_at_step.append(len(pending))
             step_start = time.perf_counter()
@@ -299,12 +315,44 @@ class RolloutEngine:
             ]
             if finished:
                 for req, completion in self._collect(rows, finished, synced, buffers, steps_done):
-                    results[req.prompt_index][req.sample_index] = completion
+                    if req.foreign:
+                        shared.send(req.key, completion)
+                    else:
+                        results[req.prompt_index][req.sample_index] = completion
                     free_slots.append(req.slot)
                 finished_set = set(finished)
                 rows = rows.select([b for b in range(len(rows)) if b not in finished_set])
+        if lost:
+            self.stats.lost = len(lost)
+            for req, completion in zip(lost, shared.receive([r.key for r in lost])):
+                results[req.prompt_index][req.sample_index] = completion
         self.stats.wall_s = time.perf_counter() - t0
         return results
+
+    def _share(self, shared: SharedQueue, pending: deque, num_free: int, lost: list, params: SamplingParams, num_prompts: int) -> None:
+        """Work stealing, before an admission: claim the head of the own queue (dropping the requests other
+        replicas took, into `lost`); with the own queue empty, take queued requests of other replicas instead."""
+        while head := [r for r in itertools.islice(pending, num_free) if not r.claimed]:  # admission takes <= num_free
+            for r, won in zip(head, shared.claim([r.key for r in head])):
+                r.claimed = won
+            taken = {id(r) for r in head if not r.claimed}
+            if taken:
+                lost += [r for r in head if id(r) in taken]
+                kept = [r for r in pending if id(r) not in taken]
+                pending.clear()
+                pending.extend(kept)
+        if pending:
+            return
+        prompt_of: dict[int, int] = {}  # seed id -> its prompt index in this call (after the caller's prompts)
+        for (seed_id, sample), prompt in shared.steal(num_free):
+            if len(prompt) >= self.max_seq_len:
+                raise RuntimeError(f"stolen request {(seed_id, sample)}: its prompt of {len(prompt)} tokens does not fit this "
+                                   f"engine's context ({self.max_seq_len}); every replica must run the same engine settings")
+            index = prompt_of.setdefault(seed_id, num_prompts + len(prompt_of))
+            req = self._request(index, sample, prompt, seed_id, params)
+            req.claimed = req.foreign = True
+            pending.append(req)
+            self.stats.stolen += 1
 
     def _account_step(self, rows: DecodeRows, out: StepOutput, new_lengths: list[int], step_s: float) -> None:
         """Count the step's kind per batch bucket; reward the selector with committed tokens per wall second

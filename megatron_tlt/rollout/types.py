@@ -4,7 +4,8 @@ the requests in flight.
 What: `Completion` (one sample of one prompt, the engine's output), `StepOutput` (what one plain or
 speculative step produced per live row), `Request` (one queued or live sample), `DecodeRows` (the
 decode state of the live rows, as tensors), `OutputBuffers` (the device buffers responses are written
-to) and `EngineStats` (counters of the last `generate`).
+to), `EngineStats` (counters of the last `generate`) and `SharedQueue` (what `generate` needs to share its
+queue with other rollout replicas: work stealing, implemented by coordinator/stealing.py).
 
 Why: the engine loop, the speculative step (spec/drafting.py) and the tests all read these; keeping
 them apart from the code that fills them lets each import them without importing the other.
@@ -19,7 +20,7 @@ per-step sync, so kv_len, tree sizes and feed widths are sized on the host witho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
@@ -63,6 +64,9 @@ class Request:
     admitted_step: int = 0
     shared_prefill: bool = False  # K/V copied from a sibling sample's prefill
     spec_steps: int = 0  # speculative steps this request took part in
+    key: tuple[int, int] = (0, 0)  # (seed id, sample index): the request's name across rollout replicas
+    claimed: bool = False  # with a SharedQueue: this replica won the right to run it
+    foreign: bool = False  # taken from another replica's queue (SharedQueue.steal): its Completion goes back there
 
 
 @dataclass
@@ -141,6 +145,8 @@ class EngineStats:
     spec_steps: int = 0  # decode steps that were speculative
     spec_row_steps: int = 0  # speculative steps summed over the requests (each row of a step counts)
     accepted_drafts: int = 0  # draft tokens accepted, summed over the requests
+    stolen: int = 0  # with a SharedQueue: requests this engine took from other replicas and ran for them
+    lost: int = 0  # with a SharedQueue: requests of this call that other replicas took and ran
     # live-batch bucket (power of two) -> step kind ("off" or a DraftShape name) -> decode steps
     arms_by_bucket: dict[int, dict[str, int]] = field(default_factory=dict)
 
@@ -176,3 +182,24 @@ class OutputBuffers:
     @property
     def scratch(self) -> int:
         return self.tokens.shape[1] - 1
+
+
+class SharedQueue(Protocol):
+    """A rollout's queue shared with the other rollout replicas (work stealing; coordinator/stealing.py).
+    Requests are named by `Request.key` = (seed id, sample index), the same on every replica; each is run by
+    exactly one replica, the one whose claim wins. Every TP rank of a replica makes the same calls in the
+    same order and gets the same answers."""
+
+    def claim(self, keys: list[tuple[int, int]]) -> list[bool]:
+        """Before admitting this replica's own queued requests: which of them it may still run (the others
+        were stolen: their Completions arrive through `receive`)."""
+
+    def steal(self, limit: int) -> list[tuple[tuple[int, int], list[int]]]:
+        """Up to `limit` queued, unclaimed requests of other replicas, now this replica's to run: [(key, prompt)]
+        ([] once none is left anywhere)."""
+
+    def send(self, key: tuple[int, int], completion: Completion) -> None:
+        """A stolen request's Completion, back to the replica it was taken from."""
+
+    def receive(self, keys: list[tuple[int, int]]) -> list[Completion]:
+        """The Completions of this replica's stolen requests, once their thieves sent them (blocks)."""

@@ -75,7 +75,7 @@ def build_engine(cfg: Config, model: Policy, ps: ParallelState):
     if cfg.rollout.spec == "adaptive":
         selector = DraftSelector(list(DEFAULT_SHAPES.values()), max_spec_batch=cfg.rollout.max_spec_batch, seed=cfg.run.seed)
     engine = RolloutEngine(
-        model, cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30), drafter=drafter, spec=cfg.rollout.spec, selector=selector,
+        model, cache_budget_bytes=int(cfg.rollout.kv_cache_gb * 2**30), max_batch=cfg.rollout.max_batch, drafter=drafter, spec=cfg.rollout.spec, selector=selector,
         cuda_graphs=cfg.rollout.cuda_graphs, drafts=cfg.rollout.drafts, batch_invariant=cfg.rollout.batch_invariant,
         precision=cfg.rollout.precision, fp8_gemm=cfg.rollout.fp8_gemm, fp8_block=cfg.rollout.fp8_block,
         max_seq_len=rollout_max_seq_len(cfg, model.cfg),

@@ -25,11 +25,11 @@ from megatron_tlt.rl.sample import Sample
 from megatron_tlt.rollout import SamplingParams
 
 
-def rollout(engine, prompts: dict[int, PromptExample], params: SamplingParams, policy_version: int) -> list[Sample]:
+def rollout(engine, prompts: dict[int, PromptExample], params: SamplingParams, policy_version: int, shared=None) -> list[Sample]:
     """n samples for each prompt in one engine call; `prompts` maps a global group id to its prompt, which
-    also seeds its samples (the same rollouts at any DP size)."""
+    also seeds its samples (the same rollouts at any DP size). `shared`: the work-stealing queue, or None."""
     groups = list(prompts)
-    completions = engine.generate([prompts[g].prompt_ids for g in groups], params, seed_ids=groups)
+    completions = engine.generate([prompts[g].prompt_ids for g in groups], params, seed_ids=groups, shared=shared)
     return [
         Sample(prompts[g].prompt_ids, c.token_ids, c.logprobs, group=g, finish_reason=c.finish_reason,
                policy_version=policy_version)
