@@ -12,11 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
 from engine_utils import make_engine, tokens_of
-from test_rollout_scheduler import _cfg as scheduler_run_config, _samples
-from test_save_rollouts import _rows
 
-from megatron_tlt.cli.demo import train_on_local_ranks
 from megatron_tlt.config.schema import ModelConfig
 from megatron_tlt.coordinator.stealing import StealingQueue
 from megatron_tlt.models.transformer import Policy
@@ -31,16 +29,17 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layer
 
 
 class CountingStore:
-    """A HashStore that counts the claims made through it."""
+    """A store (a fresh HashStore by default) that counts the calls made through it and the claims among them."""
 
-    def __init__(self):
-        self.store, self.claims = dist.HashStore(), 0
+    def __init__(self, store=None):
+        self.store, self.claims, self.calls = store if store is not None else dist.HashStore(), 0, 0
 
     def compare_set(self, *args):
         self.claims += 1
         return self.store.compare_set(*args)
 
     def __getattr__(self, name):
+        self.calls += 1
         return getattr(self.store, name)
 
 
@@ -66,6 +65,28 @@ def test_owner_claims_a_prefix_thieves_a_suffix_and_results_come_back():
         q.send(key, Completion([key[0], key[1]], [0.0, -1.0], "stop"))
     got = owner.receive([(11, 1), (12, 0), (12, 1)])
     assert [c.token_ids for c in got] == [[11, 1], [12, 0], [12, 1]]
+
+
+def _tp_replica_worker(rank: int, world_size: int) -> None:
+    # the two processes are the TP ranks of replica 0; replica 1 (a thief) is played by TP rank 0 through the same store
+    store = CountingStore(dist.distributed_c10d._get_default_store())
+    plan, prompts = {0: [5, 6], 1: []}, {5: [1, 2, 3], 6: [4, 5]}
+    ps = SimpleNamespace(dp_rank=0, dp_size=2, tp_rank=rank, tp_size=2, tp_group=dist.group.WORLD)
+    owner = StealingQueue("3.1", plan, prompts, 2, 16, ps, store=store)
+    if rank == 0:
+        thief = StealingQueue("3.1", plan, prompts, 2, 16, SimpleNamespace(dp_rank=1, dp_size=2, tp_rank=0, tp_size=1), store=store)
+        assert thief.steal(1) == [((6, 1), [4, 5])]
+    dist.barrier()
+    assert owner.claim([(5, 0), (5, 1), (6, 0), (6, 1)]) == [True, True, True, False]  # on both TP ranks
+    if rank == 0:
+        thief.send((6, 1), Completion([42], [-0.5], "stop"))
+    assert [c.token_ids for c in owner.receive([(6, 1)])] == [[42]]
+    if rank == 1:
+        assert store.claims == store.calls == 0  # only TP rank 0 talks to the store
+
+
+def test_the_tp_ranks_of_a_replica_get_tp_rank_0s_answers():
+    run_distributed(_tp_replica_worker, world_size=2)
 
 
 def test_a_thief_that_never_sends_is_named():
@@ -143,6 +164,12 @@ def _run_metrics(run_dir):
 
 
 def test_an_idle_rank_steals_and_the_samples_do_not_change(tmp_path):
+    # imported here: the TP test's spawned workers import this module, and need none of the run machinery
+    from test_rollout_scheduler import _cfg as scheduler_run_config, _samples
+    from test_save_rollouts import _rows
+
+    from megatron_tlt.cli.demo import train_on_local_ranks
+
     # one prompt per step: rank 1 owns nothing and steals from rank 0's queue (1 slot each); lr 1e-12 as in
     # test_rollout_scheduler, so the updates cannot differ in summation order
     one = ("run.prompts_per_step=1", "rollout.n=4", "rollout.max_batch=1")

@@ -9,7 +9,9 @@ invocation then runs the same GRPO workload from it three times, each as a 2-DP-
 - nosd:   rollout.spec=off
 - frozen: rollout.spec=adaptive, drafter.online=false (the offline drafter, never trained again)
 - tlt:    rollout.spec=adaptive, drafter.online=true  (the same drafter, then spot training on idle ranks)
-- sched:  rollout.spec=off with the long-tail scheduler (coordinator.assignment=balanced, admission=longest_first)
+- steal:  rollout.spec=off with work stealing only (coordinator.steal=true: round-robin placement, in order)
+- sched:  rollout.spec=off with the long-tail scheduler (coordinator.assignment=balanced, admission=longest_first,
+          steal=true)
 - tlt_sched: tlt with the scheduler (--modes picks; the scheduler's predictions need prompts that recur: --prompt-pool)
 Rollouts sample at temperature 1, as in RL. Rewards: the task's verifier plus 0.5 x the format reward (a
 final answer is stated), so the policy has a signal, and moves, even while it rarely solves a task.
@@ -57,15 +59,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DRAFTER_DIR, POLICY_DIR, add_model_args, bench_config, trained_models  # noqa: E402
 
 from megatron_tlt.config import load_config  # noqa: E402
+from megatron_tlt.coordinator.scheduler import assign_groups, max_makespan, round_robin, simulate_makespan  # noqa: E402
 from megatron_tlt.cli.demo import train_on_local_ranks  # noqa: E402
 from megatron_tlt.metrics import ROLLOUTS_DIR, read_jsonl  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
 
-SCHEDULER = ["coordinator.assignment=balanced", "coordinator.admission=longest_first"]
+SCHEDULER = ["coordinator.assignment=balanced", "coordinator.admission=longest_first", "coordinator.steal=true"]
 MODES = {
     "nosd": ("no SD", ["rollout.spec=off"]),
     "frozen": ("SD, frozen drafter", ["rollout.spec=adaptive", "drafter.online=false"]),
     "tlt": ("TLT", ["rollout.spec=adaptive", "drafter.online=true"]),
+    "steal": ("work stealing only", ["rollout.spec=off", "coordinator.steal=true"]),
     "sched": ("scheduler only", ["rollout.spec=off", *SCHEDULER]),
     "tlt_sched": ("TLT + scheduler", ["rollout.spec=adaptive", "drafter.online=true", *SCHEDULER]),
 }
@@ -83,7 +87,7 @@ def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
         f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "rollout.temperature=1.0",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
         f"optim.lr={a.lr}", f"drafter.lr={a.drafter_lr_online}", f"drafter.micro_batch_tokens={a.drafter_tokens}",
-        "run.save_rollouts=true", *MODES[mode][1],
+        "run.save_rollouts=true", *([f"rollout.max_batch={a.max_batch}"] if a.max_batch else []), *MODES[mode][1],
     ]
 
 
@@ -106,6 +110,24 @@ def identical(base: dict, other: dict) -> tuple[set, int | None]:
     """The keys of `base` whose responses `other` repeats token for token, and the first step where one differs."""
     same = {k for k, tokens in base.items() if other.get(k) == tokens}
     return same, min((k[0] for k in base.keys() - same), default=None)
+
+
+def lossless_bounds(responses: dict, slots: int, skip: int, ranks: int = 2) -> tuple[float, float, float]:
+    """What any lossless schedule could do with the no-SD run's actual response lengths, in decode steps summed over
+    the measured steps (a step costs the same however many rows are live): (round-robin in order, the scheduler's
+    own placement and order given every sample's true length, the floor max(longest, tokens / (ranks x slots)))."""
+    steps: dict[int, dict[int, list[int]]] = {}
+    for (step, group, _, _), tokens in sorted(responses.items()):
+        if step >= skip:
+            steps.setdefault(step, {}).setdefault(group, []).append(len(tokens))
+    rr = perfect = floor = 0.0
+    for groups in steps.values():
+        placed = round_robin(sorted(groups), ranks)
+        rr += max(simulate_makespan([x for g in sorted(groups) if placed[g] == r for x in groups[g]], slots) for r in range(ranks))
+        perfect += max_makespan(groups, assign_groups(groups, ranks, slots), ranks, slots)
+        lengths = [x for g in groups.values() for x in g]
+        floor += max(max(lengths), sum(lengths) / (ranks * slots))
+    return rr, perfect, floor
 
 
 def summarize(rows: list[dict], skip: int) -> dict[str, float]:
@@ -131,7 +153,7 @@ def summarize(rows: list[dict], skip: int) -> dict[str, float]:
         "p50": mean("response_len_p50"), "p90": mean("response_len_p90"), "max": max(r.get("response_len_max", 0) for r in rows),
         "reward": mean("reward_mean"), "imbalance": mean("rollout_imbalance"), "corr": mean("sched_length_corr"),
         "tokens": mean_of(lambda r: r["num_samples"] * r["response_len_mean"]),  # generated per step
-        "longest": mean("response_len_max"),
+        "longest": mean("response_len_max"), "stolen": mean("sched_stolen"),
     }
 
 
@@ -146,6 +168,9 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=880, help="response limit (prompts <= 128 tokens, context 1024)")
     p.add_argument("--max-spec-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="KV slots per rank (rollout.max_batch; 0: as many as fit): below the requests per rank, requests queue "
+                        "for a slot and the scheduler's placement and order matter")
     p.add_argument("--lr", type=float, default=1e-4, help="policy learning rate (how fast the policy moves)")
     p.add_argument("--drafter-lr-online", type=float, default=3e-4)
     p.add_argument("--drafter-tokens", type=int, default=512, help="tokens per drafter step: the unit of preemption")
@@ -184,7 +209,7 @@ def main(argv=None) -> None:
               f"{s['reward']:>7.3f} {s['tokens']:>7.0f} {s['longest']:>8.0f}")
     if "nosd" in res:
         base = res["nosd"]
-        others = [(m, MODES[m][0]) for m in ("frozen", "tlt", "sched", "tlt_sched") if m in res]
+        others = [(m, MODES[m][0]) for m in ("frozen", "tlt", "steal", "sched", "tlt_sched") if m in res]
         print(f"rollout share of the no-SD step: {100 * base['rollout_share']:.0f}%")
         if others:
             print("rollout speedup vs no-SD: " + ", ".join(f"{name} {base['rollout'] / res[m]['rollout']:.2f}x" for m, name in others))
@@ -197,10 +222,20 @@ def main(argv=None) -> None:
             firsts = [(name, first) for name, _, first in compared if first is not None]
             print("first step where a sequence differs: " + (f"{min(f for _, f in firsts)} (" + ", ".join(
                 f"{name} step {f}" for name, f in firsts) + ")" if firsts else "none"))
+        if a.max_batch:
+            rr, perfect, floor = lossless_bounds(responses["nosd"], a.max_batch, a.skip)
+            print(f"lossless bound from the no-SD run's lengths ({a.max_batch} slots per rank, decode steps over the measured "
+                  f"steps): round-robin in order {rr:.0f}; the scheduler knowing every length {perfect:.0f} "
+                  f"({100 * (1 - perfect / rr):.1f}% shorter); no schedule beats max(longest, tokens / slots) {floor:.0f} "
+                  f"({100 * (1 - floor / rr):.1f}% shorter)")
+        if "steal" in res:
+            print(f"work stealing only: rollout makespan {100 * (1 - res['steal']['rollout'] / base['rollout']):.1f}% shorter "
+                  f"than no SD's; {res['steal']['stolen']:.1f} requests stolen per step")
         if "sched" in res:
             print(f"scheduler only: rollout makespan {100 * (1 - res['sched']['rollout'] / base['rollout']):.1f}% shorter than "
                   f"no SD's (target >= 20%); rollout imbalance (slowest rank / mean) {base['imbalance']:.3f} -> "
-                  f"{res['sched']['imbalance']:.3f}; predicted vs actual group length correlation {res['sched']['corr']:.2f}")
+                  f"{res['sched']['imbalance']:.3f}; predicted vs actual group length correlation {res['sched']['corr']:.2f}; "
+                  f"{res['sched']['stolen']:.1f} requests stolen per step")
         if "tlt_sched" in res:
             print(f"TLT + scheduler: step speedup vs no SD {base['step'] / res['tlt_sched']['step']:.2f}x (target >= 2.3x)")
     if "tlt" in res:
