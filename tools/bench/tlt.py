@@ -36,12 +36,16 @@ under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_ti
                                          # per mode ~1 min of start-up and evaluations, then 12 steps of ~16 s (no SD)
                                          # or ~8 s (SD) with 4 prompts x 8 samples
     python tools/bench/tlt.py --quick    # 3 steps of 4 prompts x 4 samples up to 256 tokens: a few minutes
-    python tools/bench/tlt.py --modes nosd,sched,tlt,tlt_sched --prompt-pool 16 --lr 1e-12   # the scheduler (see below)
+    python tools/bench/tlt.py --modes nosd,steal,sched,tlt,tlt_sched --prompt-pool 16 --lr 1e-12 --prompts 8 --max-batch 4
+                                         # the scheduler (see below), ~43 min: 32 requests per rank queue for 4 KV slots,
+                                         # so placement, admission order and stealing matter
 
 The scheduler places samples on other ranks, so the update packs and sums them in another order: the weights
 then differ in their last bits and sampled rollouts drift apart after a few steps (the identical-rollouts line
 says when). --lr 1e-12 keeps the fp32 weights unchanged, so every mode rolls out exactly the same tokens at every
-step (the same work) and only the time differs.
+step (the same work) and only the time differs. With --max-batch it also prints what any lossless schedule could
+gain on the no-SD run's actual lengths (decode steps: round-robin, the scheduler given every true length, and the
+floor max(longest, tokens / slots)): the headroom the length predictions leave.
     python tools/bench/tlt.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 --prompts 64   # on a GPU
 
 Ratios only on CPU: absolute times on a shared CPU are noisy, and a small model's decode step is
