@@ -13,16 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_utils import run_distributed
+
 from megatron_tlt.config.schema import AlgoConfig, Config, DrafterConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig
 from megatron_tlt.coordinator.exchange import exchange_for_update
 from megatron_tlt.drafter.data import from_trainer_output, make_batches, policy_examples
-from megatron_tlt.drafter.eagle3 import Eagle3Drafter, default_feature_layers
+from megatron_tlt.drafter.eagle3 import Eagle3Drafter, default_feature_layers, frequent_tokens
 from megatron_tlt.drafter.io import export_drafter, load_drafter, save_drafter
 from megatron_tlt.drafter.loss import ttt_loss
 from megatron_tlt.drafter.model import build_drafter
+from megatron_tlt.drafter.trainer import DrafterTrainer
 from megatron_tlt.models.kv_cache import CacheBatch
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
+from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.rl.sample import Sample
 from megatron_tlt.rollout import RolloutEngine, SamplingParams
 from megatron_tlt.trainer.policy import PolicyTrainer
@@ -32,6 +36,7 @@ CFG = ModelConfig(
     max_position_embeddings=64,
 )
 LAYERS = (0, 1, 3)
+DRAFT_VOCAB = list(range(0, CFG.vocab_size, 2))  # a reduced draft vocabulary: the even token ids
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -43,10 +48,10 @@ def policy():
     destroy_parallel()
 
 
-def perturbed(policy, seed: int = 0) -> Eagle3Drafter:
+def perturbed(policy, seed: int = 0, draft_vocab=None) -> Eagle3Drafter:
     """An EAGLE-3 drafter with every parameter away from its init (norms too), so no term is trivially zero."""
     set_seed(seed)
-    drafter = Eagle3Drafter(policy, LAYERS)
+    drafter = Eagle3Drafter(policy, LAYERS, draft_vocab=draft_vocab)
     with torch.no_grad():
         for p in drafter.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -114,8 +119,9 @@ def test_default_feature_layers_are_the_servers_and_bad_ones_are_refused(policy)
 
 
 # ---- the loss ----
-def test_packed_ttt_loss_is_the_sum_of_per_example_losses(policy):
-    drafter = perturbed(policy)
+@pytest.mark.parametrize("draft_vocab", [None, DRAFT_VOCAB], ids=["policy_vocab", "draft_vocab"])
+def test_packed_ttt_loss_is_the_sum_of_per_example_losses(policy, draft_vocab):
+    drafter = perturbed(policy, draft_vocab=draft_vocab)
     examples = policy_examples(policy, sequences([7, 3, 10, 2], seed=2), max_tokens=64, feature_layers=LAYERS)
     (packed,) = make_batches(examples, max_tokens=64)
     loss, metrics = loss_of(drafter, packed, steps=3)
@@ -128,9 +134,12 @@ def test_packed_ttt_loss_is_the_sum_of_per_example_losses(policy):
         torch.testing.assert_close(g, s, rtol=1e-4, atol=1e-6)
 
 
-def test_one_step_ttt_is_the_plain_next_token_loss(policy):
-    """steps=1: the soft cross-entropy of the drafter's dense forward against softmax(lm_head(f_{t+1})), by hand."""
-    drafter = perturbed(policy, seed=1)
+@pytest.mark.parametrize("draft_vocab", [None, DRAFT_VOCAB], ids=["policy_vocab", "draft_vocab"])
+def test_one_step_ttt_is_the_plain_next_token_loss(policy, draft_vocab):
+    """steps=1: the soft cross-entropy of the drafter's dense forward against softmax(lm_head(f_{t+1})), by hand
+    (with a draft vocabulary: both over its tokens, the target's renormalised there)."""
+    drafter = perturbed(policy, seed=1, draft_vocab=draft_vocab)
+    keep = torch.arange(CFG.vocab_size) if draft_vocab is None else torch.tensor(draft_vocab)
     examples = policy_examples(policy, sequences([8, 5], seed=3), max_tokens=64, feature_layers=LAYERS)
     (packed,) = make_batches(examples, max_tokens=64)
     loss, metrics = loss_of(drafter, packed, steps=1)
@@ -139,10 +148,10 @@ def test_one_step_ttt_is_the_plain_next_token_loss(policy):
         for e in examples:
             L = e.tokens.shape[0]
             g = drafter(e.tokens[None, 1:], e.features[None, : L - 1], torch.arange(L - 1)[None])  # [1, L-1, H]
-            q = drafter.compute_logits(g)[0].log_softmax(-1)  # predicts x_{t+2}
+            q = drafter.compute_logits(g)[0][:, keep].log_softmax(-1)  # predicts x_{t+2}
             target = policy.compute_logits(e.hidden[None, 1:])[0]
-            expected += -(target.softmax(-1) * q).sum()
-            top1 += (q.argmax(-1) == target.argmax(-1)).sum()
+            expected += -(target[:, keep].softmax(-1) * q).sum()
+            top1 += (keep[q.argmax(-1)] == target.argmax(-1)).sum()
     torch.testing.assert_close(loss.detach(), torch.as_tensor(expected, dtype=loss.dtype), **TOL)
     assert metrics["num_tokens"] == 7 + 4 and math.isclose(float(metrics["top1"]), float(top1) / 11, abs_tol=1e-6)
 
@@ -170,15 +179,57 @@ def test_unrolled_steps_are_what_drafting_through_the_kv_cache_computes(policy):
                 torch.testing.assert_close(g[0, 0], unrolled[j][root], **TOL, msg=lambda s: f"root {root} step {j}: {s}")
 
 
+# ---- tensor parallelism ----
+def _tp2_worker(rank, world_size, policy_weights, drafter_dir, batch, seqs, reference) -> None:
+    tp_group = init_parallel(ParallelConfig(tensor_parallel_size=2)).tp_group
+    policy = Policy(CFG, tp_group, init_weights=False)
+    load_full_state_dict(policy, policy_weights, tp_group)
+    policy.eval()
+    examples = policy_examples(policy, seqs, max_tokens=64, feature_layers=LAYERS)  # the features at TP = 2
+    for ex, f in zip(examples, reference["features"]):
+        torch.testing.assert_close(ex.features, f, **TOL)
+    sp = Policy(CFG, tp_group, init_weights=False, sequence_parallel=True)  # the update's forward under SP
+    load_full_state_dict(sp, policy_weights, tp_group)
+    _, features = sp.hidden_states(batch.tokens[None], position_ids=batch.position_ids[None], cu_seqlens=batch.cu_seqlens,
+                                   max_seqlen=batch.max_seqlen, feature_layers=LAYERS)
+    torch.testing.assert_close(features[0], batch.features, **TOL)
+    drafter = load_drafter(drafter_dir, policy)  # saved at TP = 1, loaded as shards
+    prompts = [s[:3] for s in seqs]
+    engine = RolloutEngine(policy, max_seq_len=32, cache_budget_bytes=1 << 24, drafter=drafter, spec="tree")
+    tokens = [c[0].token_ids for c in engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))]
+    assert tokens == reference["tokens"]
+    loss, _ = loss_of(drafter, batch, steps=3)
+    torch.testing.assert_close(loss.detach(), reference["loss"], **TOL)
+    metrics = DrafterTrainer(drafter, lr=1e-2, grad_clip=0.01, ttt_steps=3).step(batch)
+    assert abs(metrics["grad_norm"] - reference["grad_norm"]) < 1e-4 * reference["grad_norm"], (metrics, reference)
+
+
+@pytest.mark.parametrize("draft_vocab", [None, DRAFT_VOCAB], ids=["policy_vocab", "draft_vocab"])
+def test_tp2_features_loss_training_and_decoding_equal_tp1(policy, tmp_path, draft_vocab):
+    """TP = 2 (and the update's sequence-parallel forward): the target features, speculative decoding with the
+    EAGLE-3 drafter, its TTT loss and its TP-global gradient norm equal TP = 1's."""
+    seqs = sequences([9, 6], seed=7)
+    examples = policy_examples(policy, seqs, max_tokens=64, feature_layers=LAYERS)
+    (batch,) = make_batches(examples, max_tokens=64)
+    drafter = perturbed(policy, seed=5, draft_vocab=draft_vocab)
+    drafter_dir = save_drafter(tmp_path / "drafter", drafter)
+    engine = RolloutEngine(policy, max_seq_len=32, cache_budget_bytes=1 << 24, drafter=drafter, spec="tree")
+    tokens = [c[0].token_ids for c in engine.generate([s[:3] for s in seqs], SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))]
+    reference = {"features": [e.features for e in examples], "tokens": tokens, "loss": loss_of(drafter, batch, steps=3)[0].detach()}
+    reference["grad_norm"] = DrafterTrainer(drafter, lr=1e-2, grad_clip=0.01, ttt_steps=3).step(batch)["grad_norm"]
+    run_distributed(_tp2_worker, world_size=2, args=(gather_full_state_dict(policy), str(drafter_dir), batch, seqs, reference))
+
+
 # ---- speculative decoding ----
+@pytest.mark.parametrize("draft_vocab", [None, DRAFT_VOCAB], ids=["policy_vocab", "draft_vocab"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("spec", ["chain", "tree"])
-def test_speculative_decoding_with_eagle3_equals_plain(policy, spec, temperature):
+def test_speculative_decoding_with_eagle3_equals_plain(policy, spec, temperature, draft_vocab):
     prompts = sequences([3, 5, 2, 4], seed=5)
     params = SamplingParams(temperature=temperature, max_new_tokens=16, seed=7)
     plain = RolloutEngine(policy, max_seq_len=32, cache_budget_bytes=1 << 24, return_hidden=True).generate(prompts, params)
-    engine = RolloutEngine(policy, max_seq_len=32, cache_budget_bytes=1 << 24, drafter=perturbed(policy), spec=spec,
-                           return_hidden=True)
+    engine = RolloutEngine(policy, max_seq_len=32, cache_budget_bytes=1 << 24, drafter=perturbed(policy, draft_vocab=draft_vocab),
+                           spec=spec, return_hidden=True)
     for p, s in zip(plain, engine.generate(prompts, params)):
         assert p[0].token_ids == s[0].token_ids
         torch.testing.assert_close(s[0].hidden_states, p[0].hidden_states, **TOL)  # final hidden states, not features
@@ -193,7 +244,9 @@ def test_speculative_decoding_with_eagle3_equals_plain(policy, spec, temperature
 # gate/up_proj, `down_proj`); `fc` = Linear(3 * target_hidden_size, hidden_size, bias=config.bias); `d2t` ->
 # hot_token_id, `t2d` skipped. vLLM vllm/model_executor/models/llama_eagle3.py: `Eagle3LlamaForCausalLM.load_weights`
 # prefixes "model." to all but lm_head, renames "midlayer." to "layers.0.", fc = ReplicatedLinear(3 *
-# target_hidden_size, hidden_size, bias=False), lm_head = ParallelLMHead(draft_vocab_size, hidden_size).
+# target_hidden_size, hidden_size, bias=False), lm_head = ParallelLMHead(draft_vocab_size, hidden_size), "d2t" ->
+# draft_id_to_target_id [draft_vocab_size] (compute_logits puts draft logit d at target id d + d2t[d]), "t2d" skipped.
+# SpecForge specforge/algorithms/eagle3/model.py: d2t int64 [draft_vocab_size], t2d bool [vocab_size].
 SERVED_TENSORS = {
     "fc.weight": ("H", "3H"),
     "midlayer.input_layernorm.weight": ("H",),
@@ -210,6 +263,7 @@ SERVED_TENSORS = {
     "lm_head.weight": ("draft_vocab_size", "H"),
     "embed_tokens.weight": ("vocab_size", "H"),  # optional in both (shared from the target when absent)
 }
+VOCAB_MAPS = {"d2t": ("draft_vocab_size",), "t2d": ("vocab_size",)}  # with a reduced draft vocabulary only
 SERVED_CONFIG_KEYS = (  # read by the two loaders / LlamaConfig for the drafter
     "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings", "vocab_size",
@@ -218,9 +272,9 @@ SERVED_CONFIG_KEYS = (  # read by the two loaders / LlamaConfig for the drafter
 )
 
 
-@pytest.fixture()
-def exported(policy, tmp_path):
-    drafter = perturbed(policy, seed=3)
+@pytest.fixture(params=[None, DRAFT_VOCAB], ids=["policy_vocab", "draft_vocab"])
+def exported(policy, tmp_path, request):
+    drafter = perturbed(policy, seed=3, draft_vocab=request.param)
     out = export_drafter(save_drafter(tmp_path / "drafter", drafter), tmp_path / "served", policy)
     from safetensors.torch import load_file
 
@@ -228,16 +282,21 @@ def exported(policy, tmp_path):
 
 
 def test_export_has_the_layout_the_servers_read(exported):
-    _, config, tensors = exported
+    drafter, config, tensors = exported
     H, D = CFG.hidden_size, CFG.head_dim
+    Vd = CFG.vocab_size if drafter.draft_ids is None else len(DRAFT_VOCAB)
     sizes = {"H": H, "3H": 3 * H, "2H": 2 * H, "heads*D": CFG.num_attention_heads * D, "kv_heads*D": CFG.num_kv_heads * D,
-             "I": CFG.intermediate_size, "draft_vocab_size": CFG.vocab_size, "vocab_size": CFG.vocab_size}
-    assert sorted(tensors) == sorted(SERVED_TENSORS)  # none missing, none unexpected (no d2t / t2d: full vocabulary)
-    for name, shape in SERVED_TENSORS.items():
+             "I": CFG.intermediate_size, "draft_vocab_size": Vd, "vocab_size": CFG.vocab_size}
+    expected = {**SERVED_TENSORS, **(VOCAB_MAPS if drafter.draft_ids is not None else {})}
+    assert sorted(tensors) == sorted(expected)  # none missing, none unexpected
+    for name, shape in expected.items():
         assert tuple(tensors[name].shape) == tuple(sizes[s] for s in shape), name
+    if drafter.draft_ids is not None:
+        assert tensors["d2t"].dtype == torch.int64 and tensors["t2d"].dtype == torch.bool
+        assert (torch.arange(Vd) + tensors["d2t"]).tolist() == DRAFT_VOCAB == tensors["t2d"].nonzero().squeeze(1).tolist()
     assert set(SERVED_CONFIG_KEYS) <= set(config)
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["model_type"] == "llama"
-    assert config["num_hidden_layers"] == 1 and config["target_hidden_size"] == H and config["draft_vocab_size"] == CFG.vocab_size
+    assert config["num_hidden_layers"] == 1 and config["target_hidden_size"] == H and config["draft_vocab_size"] == Vd
     assert config["bias"] is False and config["attention_bias"] is False and config["tie_word_embeddings"] is False
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == list(LAYERS)  # SGLang: layer outputs
     assert config["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in LAYERS]  # vLLM: layer inputs
@@ -258,7 +317,8 @@ def _rope(x, positions, theta):  # x [S, heads, D], rotate-half RoPE as Llama's
 def reference_eagle3_step(w: dict, c: dict, tokens, hidden, positions):
     """One EAGLE-3 forward over a causal sequence, written from the servers' layout only (config.json + tensors):
     h = fc(hidden) if it is 3H wide; x = [input_layernorm(embed); hidden_norm(h)]; attention with residual h;
-    MLP; returns (logits over the target vocabulary, pre-norm output)."""
+    MLP; returns (logits over the target vocabulary: draft logit d at target id d + d2t[d], -inf at the others;
+    the pre-norm output)."""
     eps, n, kv, D = c["rms_norm_eps"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     h = hidden @ w["fc.weight"].T if hidden.shape[-1] == 3 * c["target_hidden_size"] else hidden
     x = torch.cat([_rms(w["embed_tokens.weight"][tokens], w["midlayer.input_layernorm.weight"], eps),
@@ -274,7 +334,12 @@ def reference_eagle3_step(w: dict, c: dict, tokens, hidden, positions):
     a = h + attn
     m = _rms(a, w["midlayer.post_attention_layernorm.weight"], eps)
     g = a + (F.silu(m @ w["midlayer.mlp.gate_proj.weight"].T) * (m @ w["midlayer.mlp.up_proj.weight"].T)) @ w["midlayer.mlp.down_proj.weight"].T
-    return _rms(g, w["norm.weight"], eps) @ w["lm_head.weight"].T, g
+    draft = _rms(g, w["norm.weight"], eps) @ w["lm_head.weight"].T  # [S, draft_vocab_size]
+    if "d2t" not in w:
+        return draft, g
+    logits = draft.new_full((S, c["vocab_size"]), float("-inf"))
+    logits[:, torch.arange(c["draft_vocab_size"]) + w["d2t"]] = draft
+    return logits, g
 
 
 def test_a_loader_from_the_served_layout_reproduces_our_logits(policy, exported):
@@ -297,10 +362,16 @@ def test_a_loader_from_the_served_layout_reproduces_our_logits(policy, exported)
     torch.testing.assert_close(ours_2, ref_2, **TOL)
 
 
-def test_save_load_round_trip_keeps_arch_and_feature_layers(policy, tmp_path):
-    drafter = perturbed(policy, seed=4)
+def test_save_load_round_trip_keeps_arch_feature_layers_and_draft_vocab(policy, tmp_path):
+    drafter = perturbed(policy, seed=4, draft_vocab=DRAFT_VOCAB)
     loaded = load_drafter(save_drafter(tmp_path / "d", drafter), policy)
     assert isinstance(loaded, Eagle3Drafter) and loaded.feature_layers == LAYERS
+    assert loaded.draft_ids.tolist() == DRAFT_VOCAB and loaded.lm_head.weight.shape == (len(DRAFT_VOCAB), CFG.hidden_size)
     for (name, p), q in zip(drafter.named_parameters(), loaded.parameters()):
         assert torch.equal(p, q), name
     assert type(build_drafter(policy, "eagle")).__name__ == "Drafter"
+    fresh = Eagle3Drafter(policy, LAYERS, draft_vocab=DRAFT_VOCAB)  # its own head starts as the policy's rows
+    torch.testing.assert_close(fresh.lm_head.weight, policy.output_weight()[DRAFT_VOCAB])
+    assert frequent_tokens([[5, 5, 7, 9], [7, 5, 3]], 3, CFG.vocab_size) == [3, 5, 7]  # 5 x3, 7 x2, then the smaller id
+    with pytest.raises(ValueError, match="distinct token ids"):
+        Eagle3Drafter(policy, LAYERS, draft_vocab=[1, 1, 2])

@@ -117,13 +117,16 @@ def run_train_drafter(args) -> int:
     set_seed(args.seed)
     policy = load_model(model_dir)
     cfg = policy.cfg
+    if args.draft_vocab_size is not None and (args.arch != "eagle3" or not 0 < args.draft_vocab_size <= cfg.vocab_size):
+        raise UserError(f"--draft-vocab-size {args.draft_vocab_size}: an eagle3 option in [1, {cfg.vocab_size}] (the "
+                        f"policy's vocabulary), got --arch {args.arch}")
     samples = read_samples(Path(args.data), cfg.vocab_size, cfg.max_position_embeddings)
     sequences = _complete_samples(policy, samples, args, model_dir)
     report = _WindowReport(args.steps, args.log_every)
     drafter = train_drafter_offline(
         policy, sequences, args.steps, lr=args.lr, weight_decay=args.weight_decay,
         max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, grad_clip=args.grad_clip, seed=args.seed,
-        on_step=report, arch=args.arch, ttt_steps=args.ttt_steps,
+        on_step=report, arch=args.arch, ttt_steps=args.ttt_steps, draft_vocab_size=args.draft_vocab_size,
     )
     meta = {
         "source_model": str(model_dir.resolve()), "steps": args.steps, "num_sequences": len(sequences),

@@ -12,7 +12,14 @@ residual; then its own final RMSNorm and the policy's LM head:
     x   = [input_layernorm(embed(x_{t+1})); hidden_norm(h)]                    [2H]
     a   = h + o_proj(attention(q/k/v_proj(x)))
     g   = a + mlp(post_attention_layernorm(a))                                 the output, fed back as the next h
-    logits = lm_head(norm(g))                                                  the policy's head, its vocabulary
+    logits = lm_head(norm(g))                                                  the policy's head, its vocabulary,
+                                                                               or an own head over a draft vocabulary
+
+Draft vocabulary (optional, `draft_vocab`: the target ids it keeps, e.g. `frequent_tokens` of the training
+data, as EAGLE-3 / SpecForge choose it): an own LM head [Vd, H] (replicated over TP; initialised from the
+policy's rows of those tokens, then trained), and `compute_logits` puts its logits at those target ids, -inf
+elsewhere, so drafts only ever propose kept tokens and verification stays exact; exported with EAGLE-3's
+maps d2t (target_id = draft_id + d2t[draft_id]) and t2d (drafter/io.py). Without it the head is the policy's.
 
 Alignment is the EAGLE one (drafter/model.py): position t consumes (x_{t+1}, F_t) at position id t and its
 logits predict x_{t+2}; a draft node with token y whose parent's output is g runs (y, g) at the parent's
@@ -45,6 +52,16 @@ from megatron_tlt.models.transformer import MLP, Attention, Policy, RMSNorm
 from megatron_tlt.ops.attention import cache_attention_mask
 from megatron_tlt.ops.rope import apply_rope, rope_cos_sin
 from megatron_tlt.parallel.tensor_parallel import TPLayers, scatter_to_tp_region
+
+
+def frequent_tokens(sequences: Sequence[Sequence[int]], size: int, vocab_size: int) -> list[int]:
+    """The `size` most frequent token ids of `sequences` (ties: the smaller id; unseen ids fill up), sorted: a draft
+    vocabulary."""
+    if not 0 < size <= vocab_size:
+        raise ValueError(f"a draft vocabulary of {size} tokens must be in [1, {vocab_size}]")
+    counts = torch.bincount(torch.tensor([t for s in sequences for t in s], dtype=torch.long), minlength=vocab_size)
+    order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))
+    return sorted(order[:size])
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
@@ -89,7 +106,8 @@ class Eagle3Layer(nn.Module):
 class Eagle3Drafter(nn.Module):
     arch = "eagle3"
 
-    def __init__(self, policy: Policy, feature_layers: Optional[Sequence[int]] = None, init_weights: bool = True):
+    def __init__(self, policy: Policy, feature_layers: Optional[Sequence[int]] = None, init_weights: bool = True,
+                 draft_vocab: Optional[Sequence[int]] = None):
         super().__init__()
         if policy.embed_tokens is None or not policy.post_process:
             raise ValueError("the drafter shares the embedding and the LM head: it needs a policy stage holding both")
@@ -107,6 +125,17 @@ class Eagle3Drafter(nn.Module):
         self.fc = b.linear(3 * cfg.hidden_size, cfg.hidden_size, parallel="row")
         self.midlayer = Eagle3Layer(b)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, b.dtype)
+        self.lm_head = None
+        self.register_buffer("draft_ids", None, persistent=False)  # [Vd] target ids (saved by drafter/io.py)
+        if draft_vocab is not None:
+            ids = torch.tensor(sorted(set(draft_vocab)), dtype=torch.long)
+            if len(ids) != len(draft_vocab) or not 0 <= int(ids[0]) <= int(ids[-1]) < cfg.vocab_size:
+                raise ValueError(f"draft_vocab must be distinct token ids in [0, {cfg.vocab_size})")
+            self.draft_ids = ids
+            self.lm_head = nn.Linear(cfg.hidden_size, len(ids), bias=False, dtype=b.dtype)  # [Vd, H], replicated over TP
+            if init_weights:
+                with torch.no_grad():
+                    self.lm_head.weight.copy_(_policy_rows(policy, ids))
 
     def embed_input_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, S] -> [B, S, H] with the policy's embedding."""
@@ -143,9 +172,21 @@ class Eagle3Drafter(nn.Module):
         cache_mask = cache_attention_mask(cache.start, S, cache.kv_len, cache.new_mask) if cache is not None else None
         return self.midlayer(embeds, h, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_mask=cache_mask)
 
+    def vocab_logits(self, g: torch.Tensor) -> torch.Tensor:
+        """g: [B, S, H] drafter outputs -> logits over the drafter's vocabulary [B, S, Vd] (the policy's: V)."""
+        if self.lm_head is None:
+            return self.policy.compute_logits(self.norm(g))
+        return self.lm_head(self.norm(g))
+
     def compute_logits(self, g: torch.Tensor) -> torch.Tensor:
-        """g: [B, S, H] drafter outputs -> logits [B, S, vocab_size]: the own final norm, the policy's LM head."""
-        return self.policy.compute_logits(self.norm(g))
+        """g: [B, S, H] drafter outputs -> logits [B, S, vocab_size] over the target's vocabulary (-inf at tokens
+        outside a draft vocabulary)."""
+        logits = self.vocab_logits(g)
+        if self.draft_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
+        full[..., self.draft_ids] = logits
+        return full
 
     def new_cache(self, num_slots: int, max_seq_len: int, dtype: torch.dtype, device) -> KVCache:
         """The drafter's own KV cache: one layer, this rank's KV heads."""
@@ -179,6 +220,13 @@ class Eagle3Drafter(nn.Module):
             h = self.midlayer.finish(h, attn.o_proj(o.reshape(1, T, -1))[0])  # [1, T, H]
             outputs.append(h[0])
         return outputs
+
+
+@torch.no_grad()
+def _policy_rows(policy: Policy, ids: torch.Tensor) -> torch.Tensor:
+    """The policy's LM-head rows of target ids [Vd] -> [Vd, H] (gathered over its vocabulary shards under TP)."""
+    eye = torch.eye(policy.cfg.hidden_size, dtype=policy.output_weight().dtype, device=policy.inv_freq.device)
+    return policy.compute_logits(eye[None])[0][:, ids.to(eye.device)].T.cpu()  # row v of W: logits of the basis vectors
 
 
 def _ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], prefix: torch.Tensor,

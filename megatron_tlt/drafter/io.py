@@ -15,7 +15,8 @@ written beside DRAFTER_DIR, COMPLETE last, renamed in):
       drafter.safetensors   full tensors, the drafter's parameter names (`fc.weight`, `midlayer.mlp.up_proj.weight`, ...)
       drafter_config.json   {"format": "megatron_tlt-drafter/1", "policy_config": {ModelConfig fields},
                              "num_layers": 1, "dtype": "float32", "arch": "eagle3" | "eagle",
-                             "feature_layers": [l, m, h] (eagle3)}   (no "arch": an eagle drafter, written before eagle3)
+                             "feature_layers": [l, m, h], "draft_vocab": [target ids] (eagle3, optional)}
+                            (no "arch": an eagle drafter, written before eagle3)
       meta.json             caller's metadata (optional)
       COMPLETE              written last: {"format": "megatron_tlt-drafter/1", "saved_at": ...}
 
@@ -43,8 +44,9 @@ What they expect:
     `norm_before_residual: false`), the final norm's input (pre-norm) fed back to the next draft step.
   - d2t [draft_vocab_size] int64 with target_id = draft_id + d2t[draft_id], t2d [vocab_size] bool (SGLang turns
     d2t into `hot_token_id`, vLLM into `draft_id_to_target_id`; both skip t2d): only with a reduced draft
-    vocabulary. Our drafter uses the policy's whole vocabulary (draft_vocab_size = vocab_size), so neither is
-    written and both servers map draft ids to target ids as the identity.
+    vocabulary (`Eagle3Drafter(draft_vocab=...)`, its own lm_head [Vd, H]). With the policy's whole vocabulary
+    (draft_vocab_size = vocab_size, lm_head = the policy's) neither is written and both servers map draft ids to
+    target ids as the identity.
   - aux layers: both capture the residual stream at the INPUT of decoder layers; by default (2, N // 2, N - 3),
     i.e. the outputs of (1, N // 2 - 1, N - 4) (`eagle3.default_feature_layers`). Explicit ids disagree between
     the two: SGLang reads `eagle_config.eagle_aux_hidden_state_layer_ids` as layer OUTPUTS (it adds 1), vLLM reads
@@ -105,38 +107,42 @@ def save_drafter(path: PathLike, drafter: Drafter, meta: Optional[dict] = None) 
     """
     path = Path(path)
     full = {name: t.cpu() for name, t in gather_full_state_dict(drafter, drafter.tp_group).items()}
-    arch = {"arch": drafter.arch}
+    head = {"arch": drafter.arch}
     if drafter.feature_layers is not None:
-        arch["feature_layers"] = list(drafter.feature_layers)
-    on_rank0(_write_drafter_dir, path, full, drafter.policy.cfg, arch, meta)
+        head["feature_layers"] = list(drafter.feature_layers)
+    if drafter.draft_ids is not None:
+        head["draft_vocab"] = drafter.draft_ids.tolist()
+    on_rank0(_write_drafter_dir, path, full, drafter.policy.cfg, head, meta)
     return path
 
 
 # ---- load ----
-def read_drafter_config(path: PathLike) -> tuple[ModelConfig, str, Optional[tuple[int, ...]]]:
-    """(the policy ModelConfig a (complete) drafter directory was trained for, the drafter's arch, its feature layers)."""
+def read_drafter_config(path: PathLike) -> tuple[ModelConfig, dict]:
+    """(the policy ModelConfig a (complete) drafter directory was trained for, its head: `build_drafter`'s arch,
+    feature_layers, draft_vocab)."""
     path = require_complete(path, FORMAT, WHAT)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         fields = dict(config["policy_config"])
         scaling = fields.pop("rope_scaling")
         cfg = ModelConfig(**fields, rope_scaling=None if scaling is None else RopeScalingConfig(**scaling))
-        arch = config.get("arch", "eagle")
         layers = config.get("feature_layers")
+        head = {"arch": config.get("arch", "eagle"), "feature_layers": None if layers is None else tuple(layers),
+                "draft_vocab": config.get("draft_vocab")}
     except OSError as e:
         raise CheckpointError(f"cannot read {path / CONFIG_FILE}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE} is not a valid drafter config: {e}") from None
-    return cfg, arch, None if layers is None else tuple(layers)
+    return cfg, head
 
 
-def read_drafter_weights(path: PathLike) -> tuple[ModelConfig, str, Optional[tuple[int, ...]], dict[str, torch.Tensor]]:
-    """(policy ModelConfig, arch, feature layers, full tensors by the drafter's parameter names) of a drafter
+def read_drafter_weights(path: PathLike) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
+    """(policy ModelConfig, head (`read_drafter_config`), full tensors by the drafter's parameter names) of a drafter
     directory, read in this process after its files are checked against the checksums written at save."""
     path = Path(path)
-    cfg, arch, layers = read_drafter_config(path)
+    cfg, head = read_drafter_config(path)
     verify_files(path)
-    return cfg, arch, layers, load_safetensors(path / WEIGHTS_FILE)
+    return cfg, head, load_safetensors(path / WEIGHTS_FILE)
 
 
 def _check_fits(path: Path, drafter: "Drafter | Eagle3Drafter", saved_cfg: ModelConfig, full: dict[str, torch.Tensor]) -> None:
@@ -160,15 +166,15 @@ def _check_fits(path: Path, drafter: "Drafter | Eagle3Drafter", saved_cfg: Model
 def load_drafter(path: PathLike, policy) -> "Drafter | Eagle3Drafter":
     """The drafter saved at `path`, built over `policy` (at the policy's TP degree, dtype and device)."""
     path = Path(path)
-    saved_cfg, arch, layers, full = read_drafter_weights(path)
-    drafter = build_drafter(policy, arch, layers, init_weights=False)
+    saved_cfg, head, full = read_drafter_weights(path)
+    drafter = build_drafter(policy, **head, init_weights=False)
     _check_fits(path, drafter, saved_cfg, full)
     load_full_state_dict(drafter, full, drafter.tp_group)
     return drafter.to(next(policy.parameters()).device)
 
 
 # ---- serving export (EAGLE-3) ----
-def eagle3_config(cfg: ModelConfig, feature_layers: tuple[int, ...], dtype: str) -> dict:
+def eagle3_config(cfg: ModelConfig, feature_layers: tuple[int, ...], draft_vocab_size: int, dtype: str) -> dict:
     """config.json of the exported head (module docstring): a one-layer Llama config plus the EAGLE-3 keys."""
     layer = dataclasses.replace(cfg, arch="llama", qkv_bias=False, qk_norm=False, num_layers=1, tie_word_embeddings=False,
                                 params_dtype=dtype)
@@ -176,7 +182,7 @@ def eagle3_config(cfg: ModelConfig, feature_layers: tuple[int, ...], dtype: str)
     hf_config.update({
         "architectures": [EAGLE3_ARCHITECTURE],
         "target_hidden_size": cfg.hidden_size,
-        "draft_vocab_size": cfg.vocab_size,
+        "draft_vocab_size": draft_vocab_size,
         "bias": False,
         "attention_bias": False,
         "eagle_aux_hidden_state_layer_ids": [i + 1 for i in feature_layers],  # vLLM: inputs of these layers
@@ -190,29 +196,35 @@ def eagle3_config(cfg: ModelConfig, feature_layers: tuple[int, ...], dtype: str)
     return hf_config
 
 
-def eagle3_state_dict(full: dict[str, torch.Tensor], embed: torch.Tensor, lm_head: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The drafter's full tensors (already named as the servers name them) plus the policy's embedding and LM head
-    [vocab_size, H] (the drafter shares both; the servers' directory holds them)."""
-    return {**full, "embed_tokens.weight": embed, "lm_head.weight": lm_head}
+def vocab_maps(draft_ids: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
+    """EAGLE-3's maps of a draft vocabulary (target ids [Vd], sorted): d2t [Vd] int64 (target = draft + d2t[draft])
+    and t2d [vocab_size] bool (the target ids kept)."""
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[draft_ids] = True
+    return {"d2t": draft_ids - torch.arange(len(draft_ids)), "t2d": t2d}
 
 
 def export_drafter(drafter_dir: PathLike, out_dir: PathLike, policy) -> Path:
-    """Write the EAGLE-3 drafter at `drafter_dir` with `policy`'s embedding and LM head (the policy it was trained
-    with, a whole `Policy` at TP = 1) as the serving directory `out_dir` (refused if not empty), atomically."""
+    """Write the EAGLE-3 drafter at `drafter_dir` with `policy`'s embedding (and LM head, unless the drafter has a
+    draft vocabulary and its own) as the serving directory `out_dir` (refused if not empty), atomically. `policy`:
+    the one it was trained with, a whole `Policy` at TP = 1."""
     out_dir = Path(out_dir)
-    cfg, arch, layers, full = read_drafter_weights(drafter_dir)
-    if arch != "eagle3":
-        raise UserError(f"{drafter_dir} holds an {arch} drafter, which no serving engine loads as is (its layer-0 input "
-                        "norm and final norm have no place in their EAGLE heads): train one with drafter.arch=eagle3")
+    cfg, head, full = read_drafter_weights(drafter_dir)
+    if head["arch"] != "eagle3":
+        raise UserError(f"{drafter_dir} holds an {head['arch']} drafter, which no serving engine loads as is (its layer-0 "
+                        "input norm and final norm have no place in their EAGLE heads): train one with drafter.arch=eagle3")
     if policy.tp_size != 1 or not (policy.pre_process and policy.post_process):
         raise ValueError("export_drafter needs the whole policy at TP = 1 for its embedding and LM head")
-    drafter = build_drafter(policy, arch, layers, init_weights=False)
-    _check_fits(Path(drafter_dir), drafter, cfg, full)
-    dtype = dtype_name(next(iter(full.values())).dtype)
+    _check_fits(Path(drafter_dir), build_drafter(policy, **head, init_weights=False), cfg, full)
+    dtype = next(iter(full.values())).dtype
     V = cfg.vocab_size
-    embed = policy.embed_tokens.weight.detach()[:V].to("cpu", next(iter(full.values())).dtype)
-    head = policy.output_weight().detach()[:V].to("cpu", embed.dtype)
+    tensors = {**full, "embed_tokens.weight": policy.embed_tokens.weight.detach()[:V].to("cpu", dtype)}
+    if head["draft_vocab"] is None:  # the policy's head
+        tensors["lm_head.weight"] = policy.output_weight().detach()[:V].to("cpu", dtype)
+    else:
+        tensors.update(vocab_maps(torch.tensor(head["draft_vocab"], dtype=torch.long), V))
+    draft_vocab_size = V if head["draft_vocab"] is None else len(head["draft_vocab"])
     claim_empty_output(out_dir)
     with staged(out_dir) as tmp:
-        write_hf_dir(tmp, eagle3_config(cfg, layers, dtype), eagle3_state_dict(full, embed, head))
+        write_hf_dir(tmp, eagle3_config(cfg, head["feature_layers"], draft_vocab_size, dtype_name(dtype)), tensors)
     return out_dir

@@ -91,14 +91,18 @@ def has_next_token(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 def _vocab_terms(drafter: "Drafter | Eagle3Drafter", g: torch.Tensor, f_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """g, f_next: [c, H] -> (soft cross-entropy [c] fp32, top-1 agreement [c] bool). Differentiable in g only."""
+    ids = drafter.draft_ids  # [Vd] target ids of a draft vocabulary, or None (the policy's whole vocabulary)
     with frozen(drafter.policy):  # also during a checkpoint's recompute, so both passes build the same graph
         with torch.no_grad():
             target_logits = drafter.policy.compute_logits(f_next[None])[0].float()  # [c, V]
-            target_probs = target_logits.softmax(dim=-1)  # [c, V]
             target_top1 = target_logits.argmax(dim=-1)  # [c]
-        draft_logits = drafter.compute_logits(g[None])[0].float()  # [c, V]
+            if ids is not None:  # the target's distribution renormalised over the draft vocabulary (SpecForge's)
+                target_logits = target_logits[:, ids]  # [c, Vd]
+            target_probs = target_logits.softmax(dim=-1)  # [c, Vd]
+        draft_logits = drafter.vocab_logits(g[None])[0].float()  # [c, Vd]
     ce = -(target_probs * draft_logits.log_softmax(dim=-1)).sum(dim=-1)  # [c]
-    return ce, draft_logits.detach().argmax(dim=-1) == target_top1
+    top1 = draft_logits.detach().argmax(dim=-1)
+    return ce, (top1 if ids is None else ids[top1]) == target_top1
 
 
 def _soft_cross_entropy(

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from megatron_tlt.drafter.eagle3 import frequent_tokens
 from megatron_tlt.drafter.data import DrafterBatch, DrafterExample, make_batches, policy_examples
 from megatron_tlt.drafter.loss import CE_WEIGHT, HIDDEN_WEIGHT, TTT_STEPS, batch_loss
 from megatron_tlt.drafter.model import Drafter, build_drafter
@@ -143,12 +144,16 @@ def train_drafter_offline(
     drafter: Optional[Drafter] = None,
     arch: str = "eagle3",
     ttt_steps: int = TTT_STEPS,
+    draft_vocab_size: Optional[int] = None,
 ) -> Drafter:
     """`drafter` (default: a fresh one of `arch` over `policy`) trained for `steps` trainer steps on the policy's hidden
     states over `sequences` (one packed forward, `policy_examples`), cycling over the micro-batches in an order
-    reshuffled every pass (seeded). `on_step(step, metrics)` sees every step's metrics. A fresh drafter's
+    reshuffled every pass (seeded). `on_step(step, metrics)` sees every step's metrics. `draft_vocab_size` (a fresh
+    eagle3 drafter): its draft vocabulary, the most frequent tokens of `sequences` (`eagle3.frequent_tokens`). A fresh drafter's
     initial weights come from the global torch RNG (seed it first for a reproducible run)."""
-    drafter = drafter if drafter is not None else build_drafter(policy, arch).to(next(policy.parameters()).device)
+    if drafter is None:
+        vocab = None if draft_vocab_size is None else frequent_tokens(sequences, draft_vocab_size, policy.cfg.vocab_size)
+        drafter = build_drafter(policy, arch, draft_vocab=vocab).to(next(policy.parameters()).device)
     trainer = DrafterTrainer(drafter, lr, weight_decay, max_tokens_per_micro_batch, grad_clip, ttt_steps=ttt_steps)
     examples = policy_examples(policy, sequences, max_tokens_per_micro_batch, drafter.feature_layers)
     batches = trainer.make_batches(examples)
