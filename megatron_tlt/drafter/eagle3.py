@@ -36,8 +36,8 @@ j-th draft after a root at t: it consumes (x_{t+1+j}, g^{j-1}_t) (step 0: F_t) a
 attends to the step-0 entries 0 .. t of its own example (the committed prefix in the drafter's KV cache)
 plus its own entries of steps 1 .. j (its chain of drafts), exactly what draft level j sees in
 `spec.drafting.draft_tree` (tests/test_drafter_eagle3.py checks the two agree). The attention core is
-dense over the packed row per step: [heads, T, T] fp32 scores (T = micro-batch tokens) plus j diagonal
-columns, ~0.5 GB at T = 2048 and 32 heads; the drafter's micro-batches bound it.
+dense per example and step: [heads, L, L] fp32 scores plus j diagonal columns (0.5 GB for one L = 2048
+example at 32 heads); the drafter's micro-batches bound L.
 """
 from __future__ import annotations
 
@@ -202,10 +202,7 @@ class Eagle3Drafter(nn.Module):
         """Training-time test over one packed micro-batch (module docstring): -> [g^0, .., g^{k-1}], each [T, H]."""
         attn = self.midlayer.self_attn
         T = tokens.shape[1]
-        segment = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=tokens.device),
-                                          (cu_seqlens[1:] - cu_seqlens[:-1]).long())  # [T]
-        t = torch.arange(T, device=tokens.device)
-        prefix = (segment[:, None] == segment[None, :]) & (t[None, :] <= t[:, None])  # [T, T] query t sees key t'
+        bounds = cu_seqlens.tolist()
         h = self.project_hidden_states(features[None])  # [1, T, H]
         keys: list[torch.Tensor] = []  # per step [T, Hkv, D]
         values: list[torch.Tensor] = []
@@ -216,7 +213,8 @@ class Eagle3Drafter(nn.Module):
             q = apply_rope(attn.q_proj(x)[0].view(1, T, attn.num_heads, attn.head_dim), cos, sin)[0]  # [T, Hq, D]
             keys.append(apply_rope(attn.k_proj(x)[0].view(1, T, attn.num_kv_heads, attn.head_dim), cos, sin)[0])
             values.append(attn.v_proj(x)[0].view(T, attn.num_kv_heads, attn.head_dim))
-            o = _ttt_attention(q, keys, values, prefix, attn.scale)  # [T, Hq, D]
+            o = torch.cat([_ttt_attention(q[a:b], [k[a:b] for k in keys], [v[a:b] for v in values], attn.scale)
+                           for a, b in zip(bounds[:-1], bounds[1:])])  # [T, Hq, D], each example on its own
             h = self.midlayer.finish(h, attn.o_proj(o.reshape(1, T, -1))[0])  # [1, T, H]
             outputs.append(h[0])
         return outputs
@@ -229,11 +227,11 @@ def _policy_rows(policy: Policy, ids: torch.Tensor) -> torch.Tensor:
     return policy.compute_logits(eye[None])[0][:, ids.to(eye.device)].T.cpu()  # row v of W: logits of the basis vectors
 
 
-def _ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], prefix: torch.Tensor,
-                   scale: float) -> torch.Tensor:
-    """q [T, Hq, D]; keys / values of steps 0 .. j, each [T, Hkv, D]; prefix [T, T] bool -> [T, Hq, D].
-    Query t attends to step 0's keys where prefix[t] and to its own key of every later step (fp32 softmax)."""
+def _ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """One example: q [L, Hq, D]; keys / values of steps 0 .. j, each [L, Hkv, D] -> [L, Hq, D]. Query t attends
+    to step 0's keys 0 .. t and to its own key of every later step (fp32 softmax)."""
     T, Hq, D = q.shape
+    prefix = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # [L, L] query t sees key t' <= t
     rep = Hq // keys[0].shape[1]
     qf = q.float()
     k = [kk.float().repeat_interleave(rep, dim=1) for kk in keys]  # [T, Hq, D] each
