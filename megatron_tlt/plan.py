@@ -65,7 +65,7 @@ import torch.nn as nn
 
 from megatron_tlt.config.dtypes import TORCH_DTYPES
 from megatron_tlt.config.schema import Config, ModelConfig
-from megatron_tlt.drafter.model import Drafter
+from megatron_tlt.drafter.model import build_drafter
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel.layout import rank_stage_ids, stage_layer_ranges
 from megatron_tlt.parallel.sharding import partition_dim
@@ -258,7 +258,7 @@ def memory_plan(cfg: Config, world_size: int, group) -> MemoryPlan:
     drafter = 0
     if r.spec != "off":
         with torch.device("meta"):
-            d = _param_bytes(Drafter(whole, init_weights=False), rtp)
+            d = _param_bytes(build_drafter(whole, cfg.drafter.arch, cfg.drafter.feature_layers, init_weights=False), rtp)
         online = sum(d) + _adamw_bytes(d) + int(cfg.drafter.buffer_gb * GB) if cfg.drafter.online else 0
         drafter = sum(d) + online
         kv_cache += padded * 2 * seq * (m.num_kv_heads // rtp) * m.head_dim * e

@@ -133,13 +133,14 @@ def train(cfg: Config) -> Path:
             if batch.response_lengths:
                 with timeline.span("update"):
                     train_metrics, hidden = tally.timed("train_time_s", trainer.step, batch.samples, batch.micro_batches,
-                                                        cfg.rollout.max_new_tokens, collect_hidden=tlt.collect_hidden)
+                                                        cfg.rollout.max_new_tokens, collect_hidden=tlt.collect_hidden,
+                                                        feature_layers=tlt.feature_layers)
                 tally.metrics.update(train_metrics)
                 # TLT: the update's own forward fills the drafter's buffer (on the rollout replica of each sample)
                 if ps.same_layouts:
                     tlt.add_update(step, batch.samples, hidden)
                 elif tlt.collect_hidden:
-                    tlt.add_update(step, samples, return_hidden(batch, hidden, model.cfg.hidden_size, ps))
+                    tlt.add_update(step, samples, return_hidden(batch, hidden, tlt.hidden_width(model.cfg.hidden_size), ps))
             # 5. log and checkpoint
             step_s = time.perf_counter() - t0
             timeline.write(step, step_s)

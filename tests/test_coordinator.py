@@ -112,7 +112,7 @@ def test_from_trainer_output_aligns_tokens_with_the_update_hidden_states():
     batch = exchange_for_update(samples, 24, ps)
     assert batch.samples == samples  # one DP rank: the share is the whole batch, in order
     _, hidden = trainer.step(batch.samples, batch.micro_batches, max_response_len=16, collect_hidden=True)
-    examples = from_trainer_output(samples, hidden)
+    examples = from_trainer_output(samples, hidden, CFG.hidden_size)
     assert len(examples) == len(samples)
     for s, ex, ref in zip(samples, examples, reference):
         start = len(s.prompt_ids) - 1
@@ -120,7 +120,7 @@ def test_from_trainer_output_aligns_tokens_with_the_update_hidden_states():
         assert ex.hidden.shape == (len(s.response_ids) + 1, CFG.hidden_size)
         torch.testing.assert_close(ex.hidden, ref.hidden[start:], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="hidden states for"):
-        from_trainer_output(samples, {0: hidden[0][:-1]})
+        from_trainer_output(samples, {0: hidden[0][:-1]}, CFG.hidden_size)
 
 
 def test_merge_buckets_group_consecutive_tensors_under_a_size():

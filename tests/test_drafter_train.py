@@ -1,6 +1,6 @@
 """Drafter training: the EAGLE loss's alignment and example boundaries, chunked == unchunked vocabulary terms,
 a trainer that touches only the drafter (and resumes exactly), offline warm-up that makes the drafter agree
-with a tiny trained policy, save/load (also at TP=2, two gloo processes), HF EAGLE export, and the
+with a tiny trained policy, save/load (also at TP=2, two gloo processes), the EAGLE head's export refused, and the
 `train-drafter` / `export-drafter` commands. CPU, fp32.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from megatron_tlt.config.schema import ModelConfig, ParallelConfig
 from megatron_tlt.drafter import Drafter
 from megatron_tlt.drafter.io import (
     WEIGHTS_FILE,
-    eagle_to_drafter_state_dict,
     export_drafter,
     load_drafter,
     read_drafter_weights,
@@ -28,7 +27,8 @@ from megatron_tlt.drafter.io import (
 from megatron_tlt.drafter.data import DrafterExample, make_batches, policy_examples
 from megatron_tlt.drafter.loss import VOCAB_CHUNK_TOKENS, drafter_loss
 from megatron_tlt.drafter.trainer import DrafterTrainer, evaluate_drafter, train_drafter_offline
-from megatron_tlt.errors import CheckpointError
+from megatron_tlt.drafter.eagle3 import Eagle3Drafter
+from megatron_tlt.errors import CheckpointError, UserError
 from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
@@ -201,7 +201,8 @@ def test_offline_training_makes_the_drafter_agree_with_the_policy(policy):
     untrained = evaluate_drafter(Drafter(policy), held_out_batches)
     set_seed(1)
     log = []
-    drafter = train_drafter_offline(policy, train, steps=200, lr=3e-3, max_tokens_per_micro_batch=256, on_step=lambda s, m: log.append(m))
+    drafter = train_drafter_offline(policy, train, steps=200, lr=3e-3, max_tokens_per_micro_batch=256, on_step=lambda s, m: log.append(m),
+                                    arch="eagle")
     trained = evaluate_drafter(drafter, held_out_batches)
     print(f"held-out top-1 agreement: untrained {untrained['top1']:.3f} -> trained {trained['top1']:.3f}")
     assert untrained["top1"] < 0.2 and trained["top1"] > 0.6
@@ -239,32 +240,12 @@ def test_save_load_round_trip_and_errors(policy, tmp_path):
         load_drafter(path, policy)
 
 
-def test_export_writes_the_eagle_layout(policy, tmp_path):
-    from safetensors.torch import load_file
-
-    drafter = perturbed_drafter(policy)
-    out = export_drafter(save_drafter(tmp_path / "drafter", drafter), tmp_path / "hf")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLMEagle"] and config["num_hidden_layers"] == 1
-    assert config["tie_to_base_model"] is True and config["bias"] is False
-    for key, value in dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                           vocab_size=128, rms_norm_eps=1e-6, rope_theta=10000.0, dtype="float32").items():
-        assert config[key] == value, key
-    assert config["eagle_config"]["final_norm"] and config["eagle_config"]["layer0_input_layernorm"]
-
-    tensors = load_file(out / "model.safetensors")
-    assert sorted(tensors) == sorted([
-        "fc.weight", "norm.weight", "layers.0.input_layernorm.weight", "layers.0.post_attention_layernorm.weight",
-        *[f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"],
-        *[f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")],
-    ])
-    assert tensors["fc.weight"].shape == (32, 64)
-    reimported = eagle_to_drafter_state_dict(tensors)
-    for name, p in drafter.named_parameters():
-        assert torch.equal(reimported[name], p), name
-    with pytest.raises(CheckpointError, match="not empty"):
-        export_drafter(tmp_path / "drafter", out)
+def test_export_refuses_an_eagle_drafter(policy, tmp_path):
+    """No serving engine loads the EAGLE head's layer-0 input norm and final norm: its export is refused, clearly."""
+    drafter_dir = save_drafter(tmp_path / "drafter", perturbed_drafter(policy))
+    with pytest.raises(UserError, match="eagle drafter, which no serving engine loads as is"):
+        export_drafter(drafter_dir, tmp_path / "hf", policy)
+    assert not (tmp_path / "hf").exists()
 
 
 def _tp2_worker(rank: int, world_size: int, policy_weights, drafter_dir, batch, reference, out_dir) -> None:
@@ -287,7 +268,7 @@ def test_tensor_parallel_load_train_save(policy, tmp_path):
     reference = {"loss": loss_of(drafter, batch)[0].detach()}
     reference["grad_norm"] = DrafterTrainer(drafter, lr=1e-2, grad_clip=0.01).step(batch)["grad_norm"]
     run_distributed(_tp2_worker, world_size=2, args=(gather_full_state_dict(policy), str(drafter_dir), batch, reference, str(tmp_path / "tp2")))
-    _, saved = read_drafter_weights(tmp_path / "tp2")
+    *_, saved = read_drafter_weights(tmp_path / "tp2")
     for name, p in drafter.named_parameters():  # after the same step at TP=2 and at TP=1
         torch.testing.assert_close(saved[name], p.detach(), **TOL, msg=lambda s: f"{name}: {s}")
 
@@ -321,10 +302,10 @@ def test_cli_train_and_export_drafter(policy, hf_dir, tmp_path, capsys):
     drafter = load_drafter(out, policy)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["steps"] == 12 and meta["num_sequences"] == 8
-    assert isinstance(drafter, Drafter)
+    assert isinstance(drafter, Eagle3Drafter)  # the default arch
 
-    assert cli_main(["export-drafter", "--drafter", str(out), "--out", str(tmp_path / "hf_eagle")]) == 0
-    assert (tmp_path / "hf_eagle" / "model.safetensors").is_file()
+    assert cli_main(["export-drafter", "--drafter", str(out), "--policy", str(hf_dir), "--out", str(tmp_path / "hf_eagle")]) == 0
+    assert json.loads((tmp_path / "hf_eagle" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
 
 
 @pytest.mark.parametrize(

@@ -257,7 +257,8 @@ def _train_worker(rank, world, run_dir):
         ])
 
     # TLT at PP = 2: rollouts in the rollout layout (rollout DP = 2), the drafter trained on the rank done first
-    tlt = train(cfg("tlt", "rollout.spec=chain"))
+    # (the eagle head: eagle3's target features come from the update's forward, which trains at PP = 1 only)
+    tlt = train(cfg("tlt", "rollout.spec=chain", "drafter.arch=eagle"))
     if rank == 0:
         rows = [json.loads(line) for line in (tlt / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [0, 1]

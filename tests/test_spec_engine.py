@@ -24,7 +24,7 @@ from engine_utils import record_forward_shapes, tokens_of
 
 from megatron_tlt.cli import main as cli_main
 from megatron_tlt.config.schema import ModelConfig, ParallelConfig
-from megatron_tlt.drafter import Drafter
+from megatron_tlt.drafter import Drafter, Eagle3Drafter
 from megatron_tlt.models.hf import hf_config_from_model_config, tlt_to_hf_state_dict, write_hf_dir
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
 from megatron_tlt.parallel.sharding import gather_full_state_dict, load_full_state_dict
@@ -99,7 +99,8 @@ def train_on_own_greedy_outputs(model, prompts: list[list[int]], steps: int = 15
 @pytest.fixture(scope="module")
 def drafters(model):
     torch.manual_seed(2)
-    return {"random": Drafter(model).eval(), "trained": train_on_own_greedy_outputs(model, PROMPTS)}
+    drafters = {"random": Drafter(model).eval(), "trained": train_on_own_greedy_outputs(model, PROMPTS)}
+    return {**drafters, "eagle3": Eagle3Drafter(model).eval()}  # the EAGLE-3 head (random): target features in the rows
 
 
 # ---- the drafter's level-by-level visibility ----
@@ -148,7 +149,7 @@ def plain_outputs(model):
 
 @pytest.mark.parametrize("drafts", ["coupled", "topk"])
 @pytest.mark.parametrize("spec", ["chain", "tree", "adaptive"])
-@pytest.mark.parametrize("which", ["random", "trained"])
+@pytest.mark.parametrize("which", ["random", "trained", "eagle3"])
 @pytest.mark.parametrize("sampling", list(SAMPLING))
 def test_speculative_equals_plain(model, drafters, plain_outputs, sampling, which, spec, drafts):
     """Every sample of every prompt: the same tokens, finish reasons, logprobs and hidden states as plain decoding."""
@@ -175,12 +176,12 @@ def test_speculative_equals_plain(model, drafters, plain_outputs, sampling, whic
 # ---- static shapes (the CUDA-graph path) ----
 
 
-@pytest.mark.parametrize("spec", ["off", "chain", "tree"])
-def test_static_shapes_equal_exact_shapes(model, drafters, spec, monkeypatch):
+@pytest.mark.parametrize("spec,which", [("off", None), ("chain", "trained"), ("tree", "trained"), ("tree", "eagle3")])
+def test_static_shapes_equal_exact_shapes(model, drafters, spec, which, monkeypatch):
     """cuda_graphs="eager" runs the calls a GPU captures with the padded batch and bucketed kv_len: the same
     greedy tokens as exact shapes, every target call at a power-of-two batch, padding only in the extra slot."""
     params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW)
-    kw = {} if spec == "off" else dict(drafter=drafters["trained"], spec=spec, draft_shape=CHAIN if spec == "chain" else TREE)
+    kw = {} if spec == "off" else dict(drafter=drafters[which], spec=spec, draft_shape=CHAIN if spec == "chain" else TREE)
     exact = make_engine(model, num_slots=3, return_hidden=True, **kw).generate(PROMPTS, params)  # 3 live rows: padded to 4
     engine = make_engine(model, num_slots=3, return_hidden=True, cuda_graphs="eager", **kw)
     assert (engine.num_slots, engine.model_calls.cache.num_slots) == (3, 4)

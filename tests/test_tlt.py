@@ -1,7 +1,8 @@
 """TLT's reason to exist, on a tiny policy: after RL moves the policy, a drafter trained online on the moved
 policy's hidden states (the spot trainer's path: `DrafterBuffer` -> `buffer.batches` -> `DrafterTrainer.step`)
 accepts clearly more draft tokens in greedy speculative decoding than the frozen drafter that was warmed up
-on the policy before it moved. CPU, fp32, one thread, seeded.
+on the policy before it moved; for both heads (eagle3: trained with training-time test on the fused
+target features). CPU, fp32, one thread, seeded.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from train_utils import fit_packed
 
 from megatron_tlt.config.schema import ModelConfig
 from megatron_tlt.drafter import Drafter, DrafterBuffer, DrafterTrainer, policy_examples, train_drafter_offline
+from megatron_tlt.drafter.model import build_drafter
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import destroy_parallel, init_parallel, set_seed
 from megatron_tlt.rollout import RolloutEngine, SamplingParams
@@ -63,7 +65,8 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def test_online_drafter_beats_the_frozen_one_after_the_policy_moves(single_thread):
+@pytest.mark.parametrize("arch", ["eagle3", "eagle"])
+def test_online_drafter_beats_the_frozen_one_after_the_policy_moves(single_thread, arch):
     set_seed(0)
     policy = Policy(CFG, single_thread.tp_group).eval()
     old, new = (1, 2, 3), (5, 7, 9)  # the policy learns one family of strides, then RL moves it to another
@@ -74,7 +77,7 @@ def test_online_drafter_beats_the_frozen_one_after_the_policy_moves(single_threa
     old_prompts = [s[:PROMPT] for s in strided_sequences(48, gen, old)]
     set_seed(1)
     frozen = train_drafter_offline(policy, greedy_samples(policy, old_prompts), steps=150, lr=3e-3,
-                                   max_tokens_per_micro_batch=256, seed=1)
+                                   max_tokens_per_micro_batch=256, seed=1, arch=arch)
 
     # The policy moves (in place: the drafters share its embedding and LM head, as in the engine).
     sft(policy, new, steps=60, seed=2)
@@ -84,10 +87,10 @@ def test_online_drafter_beats_the_frozen_one_after_the_policy_moves(single_threa
 
     # TLT: the online drafter starts from the frozen one and trains on the moved policy's hidden states over
     # its own rollouts (what PolicyTrainer.step(collect_hidden=True) hands the buffer), as a spot trainer does.
-    online = Drafter(policy)
+    online = build_drafter(policy, arch)
     online.load_state_dict(frozen.state_dict())
     buffer = DrafterBuffer(max_bytes=1 << 22)
-    buffer.add(0, policy_examples(policy, greedy_samples(policy, rollout_prompts), max_tokens=256))
+    buffer.add(0, policy_examples(policy, greedy_samples(policy, rollout_prompts), max_tokens=256, feature_layers=online.feature_layers))
     trainer = DrafterTrainer(online, lr=3e-3, max_tokens_per_micro_batch=256)
     batches = buffer.batches(max_tokens=256, rng=random.Random(0))
     for _ in range(100):

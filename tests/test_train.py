@@ -114,9 +114,11 @@ def _cfg(tmp_path, name, *extra):
     ])
 
 
-@pytest.mark.parametrize("spec", ["off", "chain"])
-def test_metrics_plots_and_resume_is_bit_exact(tmp_path, spec):
-    extra = [f"rollout.spec={spec}"]
+@pytest.mark.parametrize("spec,arch", [("off", "eagle3"), ("chain", "eagle3"), ("chain", "eagle")])
+def test_metrics_plots_and_resume_is_bit_exact(tmp_path, spec, arch):
+    """With SD: TLT end to end (the buffer filled by the update's forward, merge, the drafter resumed bit-exact)
+    with each drafter head."""
+    extra = [f"rollout.spec={spec}", f"drafter.arch={arch}"]
     straight = train(_cfg(tmp_path, "straight", "run.steps=4", *extra))
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]

@@ -149,7 +149,7 @@ run_stage packing 60 '(examples, lengths|tokens/s|speedup)' \
     "$PYTHON" tools/bench/packing.py --hidden 1024 --layers 8 --heads 8 --kv-heads 8 --vocab 32000 --num-examples 256 \
     --median-len 512 --max-len 8192 --max-tokens 32768 --batch-size 8 --dtype bfloat16 --iters 2
 
-run_stage rollout 400 '(parameters|trained in|tokens/s|SD/plain|adaptive/plain|temperature 1|outputs:|transformers generate|batch-1 decode|GPU:|total)' \
+run_stage rollout 400 '(parameters|trained in|tokens/s|SD/plain|adaptive/plain|temperature 1|EAGLE-3|outputs:|transformers generate|batch-1 decode|GPU:|total)' \
     "$PYTHON" tools/bench/rollout.py --cache-dir /tmp/megatron_tlt_bench --hidden 1024 --layers 12 --heads 16 --kv-heads 4 \
     --vocab 256 --sft-steps 150 --sft-batch 32 --drafter-prompts 128 --drafter-steps 200 --num-held-out 64 \
     --dtype bfloat16 --batch-sizes 1 4 32 --min-prompts 4 --max-new-tokens 128 --iters 2 --sampled-batch 0 --peak-bandwidth 4.8e12

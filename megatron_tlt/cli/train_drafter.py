@@ -79,11 +79,11 @@ def _complete_samples(policy, samples, args, model_dir: Path) -> list[list[int]]
 class _WindowReport:
     """Prints position-weighted means of the step metrics every `every` steps and after the last one."""
 
-    KEYS = ("loss", "hidden_loss", "ce_loss", "top1")
+    KEYS = ("loss", "hidden_loss", "ce_loss", "top1")  # hidden_loss: the eagle head's only
 
     def __init__(self, steps: int, every: int):
         self.steps, self.every = steps, every
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.sums: dict[str, float] = {}
         self.positions = 0.0
         self.window_start = 1
         self.last: dict[str, float] = {}  # means over the last printed window
@@ -92,39 +92,41 @@ class _WindowReport:
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         n = metrics["num_tokens"]
         for key in self.KEYS:
-            self.sums[key] += metrics[key] * n
+            if key in metrics:
+                self.sums[key] = self.sums.get(key, 0.0) + metrics[key] * n
         self.positions += n
         if (step + 1) % self.every and step + 1 != self.steps:
             return
         self.last = {key: total / max(self.positions, 1.0) for key, total in self.sums.items()}
         self.last_window = f"{self.window_start}-{step + 1}"
         m = self.last
-        print(
-            f"step {step + 1}/{self.steps}  loss {m['loss']:.4f}  hidden {m['hidden_loss']:.4f}  "
-            f"ce {m['ce_loss']:.4f}  top1 {m['top1']:.3f}"
-        )
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        hidden = f"  hidden {m['hidden_loss']:.4f}" if "hidden_loss" in m else ""
+        print(f"step {step + 1}/{self.steps}  loss {m['loss']:.4f}{hidden}  ce {m['ce_loss']:.4f}  top1 {m['top1']:.3f}")
+        self.sums = {}
         self.positions = 0.0
         self.window_start = step + 2
 
 
 def run_train_drafter(args) -> int:
-    if min(args.steps, args.log_every) < 1 or args.max_tokens_per_micro_batch < 2:
+    if min(args.steps, args.log_every, args.ttt_steps) < 1 or args.max_tokens_per_micro_batch < 2:
         raise UserError(
-            f"need --steps >= 1, --log-every >= 1 and --max-tokens-per-micro-batch >= 2; got {args.steps}, "
-            f"{args.log_every} and {args.max_tokens_per_micro_batch}"
+            f"need --steps >= 1, --log-every >= 1, --ttt-steps >= 1 and --max-tokens-per-micro-batch >= 2; got {args.steps}, "
+            f"{args.log_every}, {args.ttt_steps} and {args.max_tokens_per_micro_batch}"
         )
     model_dir = Path(args.model)
     set_seed(args.seed)
     policy = load_model(model_dir)
     cfg = policy.cfg
+    if args.draft_vocab_size is not None and (args.arch != "eagle3" or not 0 < args.draft_vocab_size <= cfg.vocab_size):
+        raise UserError(f"--draft-vocab-size {args.draft_vocab_size}: an eagle3 option in [1, {cfg.vocab_size}] (the "
+                        f"policy's vocabulary), got --arch {args.arch}")
     samples = read_samples(Path(args.data), cfg.vocab_size, cfg.max_position_embeddings)
     sequences = _complete_samples(policy, samples, args, model_dir)
     report = _WindowReport(args.steps, args.log_every)
     drafter = train_drafter_offline(
         policy, sequences, args.steps, lr=args.lr, weight_decay=args.weight_decay,
         max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, grad_clip=args.grad_clip, seed=args.seed,
-        on_step=report,
+        on_step=report, arch=args.arch, ttt_steps=args.ttt_steps, draft_vocab_size=args.draft_vocab_size,
     )
     meta = {
         "source_model": str(model_dir.resolve()), "steps": args.steps, "num_sequences": len(sequences),

@@ -22,6 +22,7 @@ ROPE_TYPES = ("llama3",)  # rope_scaling types; no scaling is rope_scaling: null
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_segments")  # ops.attention.BACKENDS + auto
 PARALLEL_BACKENDS = ("auto", "nccl", "gloo")
 SPEC_MODES = ("off", "chain", "tree", "adaptive")  # rollout.engine.SPEC_MODES
+DRAFTER_ARCHS = ("eagle3", "eagle")  # drafter.arch: drafter/eagle3.py (servable) | drafter/model.py (EAGLE-1 style)
 DRAFT_MODES = ("coupled", "topk")  # rollout.engine.DRAFT_MODES
 CUDA_GRAPH_MODES = ("auto", "off", "eager", "capture")  # rollout.cuda_graphs.GRAPH_MODES + auto
 ROLLOUT_PRECISIONS = ("auto", "fp8")  # rollout.precision
@@ -271,6 +272,9 @@ class CoordinatorConfig:
 @dataclass
 class DrafterConfig:
     path: Optional[str] = None  # warm-start drafter dir (`megatron-tlt train-drafter`); None = freshly initialised
+    arch: str = "eagle3"  # eagle3 (fused low/mid/high target features, training-time test, servable) | eagle (DRAFTER_ARCHS)
+    feature_layers: Optional[list[int]] = None  # eagle3: the 3 target layers whose outputs it fuses; null = the servers' default
+    ttt_steps: int = 3  # eagle3: training-time test steps unrolled per position (1 = plain next-token loss)
     online: bool = True  # TLT: train the drafter on DP ranks that finished their rollouts (spot training)
     lr: float = 1e-4
     buffer_gb: float = 0.5  # online buffer of (tokens, target hidden states) per rank; oldest RL steps evicted first
@@ -281,6 +285,15 @@ class DrafterConfig:
     peer_timeout_s: float = 60.0  # TLT with >1 process: a rank silent this long is dead; every rank exits non-zero
 
     def __post_init__(self):
+        check_choice("drafter.arch", self.arch, DRAFTER_ARCHS)
+        check_range("drafter.ttt_steps", self.ttt_steps, ge=1, integer=True)
+        if self.feature_layers is not None:
+            if self.arch != "eagle3":
+                raise ValueError(f"drafter.feature_layers is an eagle3 option; drafter.arch={self.arch!r} reads the final hidden states")
+            if len(self.feature_layers) != 3 or len(set(self.feature_layers)) != 3:
+                raise ValueError(f"drafter.feature_layers must be 3 distinct layer indices (low, middle, high), got {self.feature_layers}")
+            for i in self.feature_layers:
+                check_range("drafter.feature_layers[]", i, ge=0, integer=True)
         check_range("drafter.lr", self.lr, gt=0)
         check_range("drafter.buffer_gb", self.buffer_gb, gt=0)
         check_range("drafter.micro_batch_tokens", self.micro_batch_tokens, ge=2, integer=True)  # a drafter step needs a next token
@@ -450,11 +463,18 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        d = self.drafter
+        if d.arch == "eagle3" and d.online and self.rollout.spec != "off" and self.parallel.pipeline_parallel_size > 1:
+            raise ValueError("drafter.arch=eagle3 trains online at parallel.pipeline_parallel_size=1 only (its target features "
+                             "come from the update's forward, whose layers PP splits over stages): use drafter.arch=eagle, "
+                             "drafter.online=false or pipeline_parallel_size=1")
         # The layout's fit to the model, at load (the world size is checked when the process groups start). With
         # run.model_path the model's sizes come from the checkpoint: the stages and TP layers check them when built.
         if self.run.model_path is not None:
             return
         m, p = self.model, self.parallel
+        if d.feature_layers is not None and max(d.feature_layers) >= m.num_layers:
+            raise ValueError(f"drafter.feature_layers={d.feature_layers} must be layer indices below model.num_layers={m.num_layers}")
         stages = p.pipeline_parallel_size * p.virtual_pipeline_size
         if p.pipeline_layout is not None and sum(p.pipeline_layout) != m.num_layers:
             raise ValueError(f"parallel.pipeline_layout={p.pipeline_layout} covers {sum(p.pipeline_layout)} layers; "

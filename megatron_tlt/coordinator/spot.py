@@ -220,7 +220,7 @@ class SpotTrainer:
 
     def add_to_buffer(self, rl_step: int, samples: Sequence, hidden: dict[int, torch.Tensor]) -> None:
         """Buffer the hidden states of `PolicyTrainer.step(samples, ..., collect_hidden=True)` (this rank's share)."""
-        self.buffer.add(rl_step, from_trainer_output(samples, hidden))
+        self.buffer.add(rl_step, from_trainer_output(samples, hidden, self.trainer.drafter.cfg.hidden_size))
 
     # ---- merging ----
     def merge(self) -> dict[str, float]:

@@ -79,6 +79,7 @@ class DrafterExample:
 
     tokens: torch.Tensor  # [L] int64 prompt + response
     hidden: torch.Tensor  # [L, H] final normed hidden state at each position (hidden[t] predicts tokens[t+1])
+    features: Optional[torch.Tensor] = None  # [L, 3H] an EAGLE-3 drafter's target features (drafter/eagle3.py)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class DrafterBatch:
     cu_seqlens: torch.Tensor  # [N+1] int32
     max_seqlen: int
     loss_mask: torch.Tensor  # [T] bool, position t has a next token in its example
+    features: Optional[torch.Tensor] = None  # [T, 3H] (EAGLE-3)
 
     @property
     def num_tokens(self) -> int:
@@ -99,14 +101,15 @@ class DrafterBatch:
     def to(self, device) -> "DrafterBatch":
         return DrafterBatch(
             self.tokens.to(device), self.hidden.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
-            self.max_seqlen, self.loss_mask.to(device),
+            self.max_seqlen, self.loss_mask.to(device), None if self.features is None else self.features.to(device),
         )
 
 
 def make_batches(examples: Sequence[DrafterExample], max_tokens: int) -> list[DrafterBatch]:
     """Bin-pack examples into micro-batches of at most `max_tokens` tokens. A longer example is cut to its
     first `max_tokens` tokens (causal, so the prefix is exact), which keeps every trainer step bounded."""
-    examples = [DrafterExample(e.tokens[:max_tokens], e.hidden[:max_tokens]) for e in examples]
+    examples = [DrafterExample(e.tokens[:max_tokens], e.hidden[:max_tokens], None if e.features is None else e.features[:max_tokens])
+                for e in examples]
     bins = plan_micro_batches([e.tokens.shape[0] for e in examples], max_tokens)
     batches = []
     for idx in bins:
@@ -118,13 +121,17 @@ def make_batches(examples: Sequence[DrafterExample], max_tokens: int) -> list[Dr
             cu_seqlens=packed.cu_seqlens,
             max_seqlen=packed.max_seqlen,
             loss_mask=packed.loss_mask,
+            features=None if examples[idx[0]].features is None else torch.cat([examples[i].features for i in idx]),
         ))
     return batches
 
 
 @torch.no_grad()
-def policy_examples(policy: nn.Module, sequences: Sequence[Sequence[int]], max_tokens: int) -> list[DrafterExample]:
-    """One packed no-grad forward of the policy per micro-batch of `sequences` -> their DrafterExamples.
+def policy_examples(
+    policy: nn.Module, sequences: Sequence[Sequence[int]], max_tokens: int, feature_layers: Optional[Sequence[int]] = None
+) -> list[DrafterExample]:
+    """One packed no-grad forward of the policy per micro-batch of `sequences` -> their DrafterExamples
+    (with the outputs of `feature_layers` as their features when given: an EAGLE-3 drafter's).
 
     The hidden states are kept in host memory (sum of lengths x H x dtype bytes) and moved to the device
     one micro-batch per trainer step. Sequences longer than `max_tokens` get a forward of their own.
@@ -132,24 +139,27 @@ def policy_examples(policy: nn.Module, sequences: Sequence[Sequence[int]], max_t
     examples: list[Optional[DrafterExample]] = [None] * len(sequences)
     for idx in plan_micro_batches([len(s) for s in sequences], max_tokens):
         packed = pack_sequences([list(sequences[i]) for i in idx])
-        hidden = chunk_forward(policy, packed).cpu()  # [T, H]
-        for i, tokens, h in zip(idx, unpack(packed.tokens, packed.cu_seqlens), unpack(hidden, packed.cu_seqlens)):
-            examples[i] = DrafterExample(tokens, h)
+        out = chunk_forward(policy, packed, feature_layers=feature_layers)
+        hidden, features = out if feature_layers is not None else (out, None)  # [T, H], [T, 3H] or None
+        per_example = unpack(features.cpu(), packed.cu_seqlens) if features is not None else [None] * len(idx)
+        for i, tokens, h, f in zip(idx, unpack(packed.tokens, packed.cu_seqlens), unpack(hidden.cpu(), packed.cu_seqlens), per_example):
+            examples[i] = DrafterExample(tokens, h, f)
     return examples
 
 
 # ---- the online buffer ----
 def example_bytes(example: DrafterExample) -> int:
-    """Storage bytes of an example's tokens and hidden states."""
-    return sum(t.numel() * t.element_size() for t in (example.tokens, example.hidden))
+    """Storage bytes of an example's tokens, hidden states and features."""
+    return sum(t.numel() * t.element_size() for t in (example.tokens, example.hidden, example.features) if t is not None)
 
 
-def from_trainer_output(samples: Sequence["Sample"], hidden: dict[int, torch.Tensor]) -> list[DrafterExample]:
+def from_trainer_output(samples: Sequence["Sample"], hidden: dict[int, torch.Tensor], hidden_size: int) -> list[DrafterExample]:
     """Drafter examples from `PolicyTrainer.step(samples, micro_batches, ..., collect_hidden=True)`'s hidden dict.
 
     hidden[i]: [R + 1, H], the final hidden states of sample i over its `response_window` (rl/sample.py: the
     position that produces the first response token .. the end), paired with the tokens of that window
-    ([R + 1]), in sample order.
+    ([R + 1]), in sample order; [R + 1, H + 3H] with the trainer's `feature_layers`: the final hidden states,
+    then the EAGLE-3 features (H = `hidden_size`).
     """
     examples = []
     for i in sorted(hidden):
@@ -157,7 +167,8 @@ def from_trainer_output(samples: Sequence["Sample"], hidden: dict[int, torch.Ten
         tokens = torch.tensor(s.tokens[s.response_window], dtype=torch.int64)  # [R + 1]
         if hidden[i].shape[0] != tokens.shape[0]:
             raise ValueError(f"sample {i}: {hidden[i].shape[0]} hidden states for {tokens.shape[0]} tokens")
-        examples.append(DrafterExample(tokens, hidden[i]))
+        h = hidden[i]
+        examples.append(DrafterExample(tokens, h[:, :hidden_size], h[:, hidden_size:] if h.shape[1] > hidden_size else None))
     return examples
 
 
@@ -188,15 +199,19 @@ class DrafterBuffer:
         too_big = 0
         for example in examples:
             length = example.tokens.shape[0]
-            if example.tokens.dim() != 1 or example.hidden.dim() != 2 or example.hidden.shape[0] != length:
-                shapes = f"{tuple(example.tokens.shape)} and {tuple(example.hidden.shape)}"
-                raise ValueError(f"expected tokens [L] and hidden [L, H], got {shapes}")
+            f = example.features
+            if (example.tokens.dim() != 1 or example.hidden.dim() != 2 or example.hidden.shape[0] != length
+                    or (f is not None and (f.dim() != 2 or f.shape[0] != length))):
+                shapes = f"{tuple(example.tokens.shape)}, {tuple(example.hidden.shape)}"
+                shapes += "" if f is None else f" and features {tuple(f.shape)}"
+                raise ValueError(f"expected tokens [L], hidden [L, H] and features [L, F] or none, got {shapes}")
             if length < 2:
                 continue
             if example_bytes(example) > self.max_bytes:
                 too_big += 1
                 continue
-            copy = DrafterExample(*(t.detach().to("cpu", copy=True) for t in (example.tokens, example.hidden)))
+            copy = DrafterExample(*(None if t is None else t.detach().to("cpu", copy=True)
+                                    for t in (example.tokens, example.hidden, f)))
             self._steps.setdefault(rl_step, deque()).append(copy)
             self._count(copy, +1)
         if too_big:

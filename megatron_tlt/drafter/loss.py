@@ -58,11 +58,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron_tlt.drafter.eagle3 import Eagle3Drafter
 from megatron_tlt.drafter.model import Drafter
 
 HIDDEN_WEIGHT = 1.0  # EAGLE's v_w: smooth-L1 regression of the next hidden state
 CE_WEIGHT = 0.1  # EAGLE's p_w: soft cross-entropy against the target's next-token distribution
 VOCAB_CHUNK_TOKENS = 1024  # positions per chunk of [chunk, V] logits in the classification term
+TTT_STEPS = 3  # EAGLE-3 training-time test: unrolled steps (drafter.ttt_steps)
+TTT_STEP_DECAY = 0.8  # EAGLE-3's weight of step j: 0.8 ** j
 
 
 @contextlib.contextmanager
@@ -86,20 +89,24 @@ def has_next_token(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return has_next
 
 
-def _vocab_terms(drafter: Drafter, g: torch.Tensor, f_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _vocab_terms(drafter: "Drafter | Eagle3Drafter", g: torch.Tensor, f_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """g, f_next: [c, H] -> (soft cross-entropy [c] fp32, top-1 agreement [c] bool). Differentiable in g only."""
+    ids = drafter.draft_ids  # [Vd] target ids of a draft vocabulary, or None (the policy's whole vocabulary)
     with frozen(drafter.policy):  # also during a checkpoint's recompute, so both passes build the same graph
         with torch.no_grad():
-            target_logits = drafter.compute_logits(f_next[None])[0].float()  # [c, V]
-            target_probs = target_logits.softmax(dim=-1)  # [c, V]
+            target_logits = drafter.policy.compute_logits(f_next[None])[0].float()  # [c, V]
             target_top1 = target_logits.argmax(dim=-1)  # [c]
-        draft_logits = drafter.compute_logits(g[None])[0].float()  # [c, V]
+            if ids is not None:  # the target's distribution renormalised over the draft vocabulary (SpecForge's)
+                target_logits = target_logits[:, ids]  # [c, Vd]
+            target_probs = target_logits.softmax(dim=-1)  # [c, Vd]
+        draft_logits = drafter.vocab_logits(g[None])[0].float()  # [c, Vd]
     ce = -(target_probs * draft_logits.log_softmax(dim=-1)).sum(dim=-1)  # [c]
-    return ce, draft_logits.detach().argmax(dim=-1) == target_top1
+    top1 = draft_logits.detach().argmax(dim=-1)
+    return ce, (top1 if ids is None else ids[top1]) == target_top1
 
 
 def _soft_cross_entropy(
-    drafter: Drafter, g: torch.Tensor, f_next: torch.Tensor, chunk_tokens: int
+    drafter: "Drafter | Eagle3Drafter", g: torch.Tensor, f_next: torch.Tensor, chunk_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_vocab_terms` over [M, H] inputs in chunks of `chunk_tokens` rows, recomputed in backward when chunked."""
     if g.shape[0] <= chunk_tokens:
@@ -153,3 +160,67 @@ def drafter_loss(
         "num_tokens": count,
     }
     return loss, metrics
+
+
+def batch_loss(drafter, b, *, ttt_steps: int = TTT_STEPS, hidden_weight: float = HIDDEN_WEIGHT, ce_weight: float = CE_WEIGHT):
+    """The loss of `drafter`'s arch on a `data.DrafterBatch` b (on the drafter's device): `ttt_loss` for an
+    EAGLE-3 drafter (b needs its features), `drafter_loss` for the EAGLE one."""
+    if isinstance(drafter, Eagle3Drafter):
+        if b.features is None:
+            raise ValueError("an eagle3 drafter trains on target features: build its examples with its feature_layers")
+        return ttt_loss(drafter, b.tokens, b.hidden, b.features, b.cu_seqlens, b.position_ids, b.loss_mask, steps=ttt_steps)
+    return drafter_loss(drafter, b.tokens, b.hidden, b.cu_seqlens, b.position_ids, b.loss_mask,
+                        hidden_weight=hidden_weight, ce_weight=ce_weight, max_seqlen=b.max_seqlen)
+
+
+def ttt_loss(
+    drafter: Eagle3Drafter,
+    tokens: torch.Tensor,  # [T] int64 the policy's packed tokens x
+    target_hidden: torch.Tensor,  # [T, H] the policy's final normed hidden state f at each position
+    features: torch.Tensor,  # [T, 3H] the target features F at each position (`Eagle3Drafter.feature_layers`)
+    cu_seqlens: torch.Tensor,  # [N+1] int32 example boundaries
+    position_ids: torch.Tensor,  # [T] int64, restarting at 0 per example
+    loss_mask: torch.Tensor,  # [T] bool
+    *,
+    steps: int = TTT_STEPS,
+    step_decay: float = TTT_STEP_DECAY,
+    vocab_chunk_tokens: int = VOCAB_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """EAGLE-3's loss with training-time test on one packed micro-batch, summed over trained positions.
+
+    Step j = 0 .. steps-1 (`Eagle3Drafter.unroll`): entry t consumes (x_{t+1+j}, its own step j-1 output; step
+    0: F_t) at position id t+j and is scored by the soft cross-entropy against the target's next-token
+    distribution softmax(lm_head(f_{t+1+j})), the distribution of x_{t+2+j}. Entry t is trained at step j iff
+    x_{t+1+j} is in its own example and loss_mask[t+j] (step 0: the positions `drafter_loss` trains), so
+    nothing is predicted across an example boundary and the loss of a pack is the sum of its examples'.
+
+        loss = sum_j step_decay**j * sum_{t trained at j} CE_j(t)
+
+    With steps = 1 it is the plain next-token soft cross-entropy of the drafter's step-0 logits. Chunked over
+    positions as `drafter_loss` (the vocabulary terms under activation checkpointing). Metrics (detached 0-d
+    tensors): `loss` per step-0 trained position (the normaliser, `num_tokens`), `ce_loss` and `top1` of step 0,
+    `ce_step{j}` / `top1_step{j}` of each step j (means over its trained entries).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    T = tokens.shape[0]
+    t = torch.arange(T, device=tokens.device)
+    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    end = torch.repeat_interleave(cu_seqlens[1:].long(), sizes)  # [T] one past the last position of t's example
+    ahead = [torch.minimum(t + 1 + j, end - 1) for j in range(steps)]  # [T] each: t+1+j within the example
+    step_tokens = torch.stack([tokens[a] for a in ahead])  # [k, T]
+    with frozen(drafter.policy):
+        outputs = drafter.unroll(step_tokens, features, position_ids, cu_seqlens)  # k x [T, H]
+    loss = torch.zeros((), device=tokens.device)
+    metrics: dict[str, torch.Tensor] = {}
+    for j, g in enumerate(outputs):
+        trained = ((t + 1 + j < end) & loss_mask[torch.minimum(t + j, end - 1)]).nonzero().squeeze(1)  # [M_j]
+        ce, agree = _soft_cross_entropy(drafter, g[trained], target_hidden[trained + 1 + j], vocab_chunk_tokens)
+        loss = loss + step_decay**j * ce.sum()
+        count = torch.tensor(float(trained.numel()), device=tokens.device)
+        metrics[f"ce_step{j}"] = ce.detach().sum() / count.clamp(min=1.0)
+        metrics[f"top1_step{j}"] = agree.float().sum() / count.clamp(min=1.0)
+        if j == 0:
+            metrics["num_tokens"] = count
+    denom = metrics["num_tokens"].clamp(min=1.0)
+    return loss, {"loss": loss.detach() / denom, "ce_loss": metrics["ce_step0"], "top1": metrics["top1_step0"], **metrics}

@@ -32,11 +32,13 @@ the policy's parameters, so otherwise their gradients would accumulate in the po
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from megatron_tlt.config.schema import DRAFTER_ARCHS
+from megatron_tlt.drafter.eagle3 import Eagle3Drafter
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
 from megatron_tlt.models.transformer import DecoderLayer, Policy, RMSNorm
 from megatron_tlt.ops.attention import cache_attention_mask
@@ -45,6 +47,10 @@ from megatron_tlt.parallel.tensor_parallel import TPLayers, scatter_to_tp_region
 
 
 class Drafter(nn.Module):
+    arch = "eagle"
+    feature_layers = None  # reads the policy's final hidden states, no intermediate layers (cf. drafter/eagle3.py)
+    draft_ids = None  # the policy's whole vocabulary
+
     def __init__(self, policy: Policy, init_weights: bool = True):
         super().__init__()
         if policy.embed_tokens is None or not policy.post_process:
@@ -91,6 +97,24 @@ class Drafter(nn.Module):
         """hidden: [B, S, H] -> [B, S, vocab_size] with the policy's LM head (see `Policy.compute_logits`)."""
         return self.policy.compute_logits(hidden)
 
+    vocab_logits = compute_logits  # the drafter's vocabulary is the policy's
+
     def new_cache(self, num_slots: int, max_seq_len: int, dtype: torch.dtype, device) -> KVCache:
         """The drafter's own KV cache: one layer, this rank's KV heads."""
         return KVCache.for_model(self.cfg, self.tp_size, num_slots, max_seq_len, dtype, device, num_layers=1)
+
+
+def build_drafter(
+    policy: Policy, arch: str = "eagle3", feature_layers: Optional[Sequence[int]] = None, init_weights: bool = True,
+    draft_vocab: Optional[Sequence[int]] = None,
+) -> "Drafter | Eagle3Drafter":
+    """A drafter of `arch` (`drafter.arch`: eagle3, this module's Drafter for eagle) over `policy`; `draft_vocab`:
+    an eagle3 drafter's reduced vocabulary (target token ids)."""
+    if arch not in DRAFTER_ARCHS:
+        raise ValueError(f"drafter arch must be one of {DRAFTER_ARCHS}, got {arch!r}")
+    if arch == "eagle3":
+        return Eagle3Drafter(policy, feature_layers, init_weights=init_weights, draft_vocab=draft_vocab)
+    if feature_layers is not None or draft_vocab is not None:
+        raise ValueError("feature_layers and draft_vocab are eagle3 options; the eagle drafter reads the final hidden "
+                         "states and drafts over the policy's vocabulary")
+    return Drafter(policy, init_weights=init_weights)

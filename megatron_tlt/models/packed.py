@@ -16,7 +16,7 @@ It is written as two halves so that a pipeline schedule can drive it one model c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,9 +31,10 @@ class PackedOutput:
     hidden: torch.Tensor  # [T, H] final normed hidden states (the LM head's input)
 
 
-def chunk_forward(chunk: Policy, batch, hidden_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+def chunk_forward(chunk: Policy, batch, hidden_in: Optional[torch.Tensor] = None, feature_layers: Optional[Sequence[int]] = None):
     """One model chunk over a packed micro-batch: the first stage reads `batch.tokens`, a later stage takes
-    the previous stage's output hidden_in [T, H]. Returns [T, H] (final normed on the last stage)."""
+    the previous stage's output hidden_in [T, H]. Returns [T, H] (final normed on the last stage); with
+    `feature_layers` (the whole model) ([T, H], [T, 3H] those layers' outputs: `Policy.hidden_states`)."""
     device = next(chunk.parameters()).device
     out = chunk.hidden_states(
         batch.tokens[None].to(device) if chunk.pre_process else None,
@@ -41,8 +42,9 @@ def chunk_forward(chunk: Policy, batch, hidden_in: Optional[torch.Tensor] = None
         position_ids=batch.position_ids[None].to(device),
         cu_seqlens=batch.cu_seqlens.to(device),
         max_seqlen=batch.max_seqlen,
-    )  # [1, T, H]
-    return out[0]
+        feature_layers=feature_layers,
+    )  # [1, T, H] (, [1, T, 3H])
+    return (out[0][0], out[1][0]) if feature_layers is not None else out[0]
 
 
 def token_logprobs(

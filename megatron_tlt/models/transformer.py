@@ -29,7 +29,7 @@ Two memory options act only with autograd on (training passes), never on the cac
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -245,9 +245,16 @@ class Policy(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,  # [N+1] packed mode (B must be 1)
         max_seqlen: Optional[int] = None,
         cache: Optional[CacheBatch] = None,
-    ) -> torch.Tensor:
+        feature_layers: Optional[Sequence[int]] = None,  # layer indices whose outputs the EAGLE-3 drafter reads
+    ):
         """This stage's layers: [B, S, H] the final normed hidden states (the LM head's input) on the last
-        stage, the residual stream for the next stage otherwise."""
+        stage, the residual stream for the next stage otherwise.
+
+        With `feature_layers` (the whole model, no pipeline stages): (hidden [B, S, H], features [B, S, 3H]),
+        the residual stream after each of those layers (detached: it feeds the drafter, never a gradient),
+        concatenated in the order given: the target features of an EAGLE-3 drafter at no extra forward."""
+        if feature_layers is not None and not (self.pre_process and self.post_process):
+            raise ValueError("feature_layers need the whole model on one rank (no pipeline stages)")
         x = self.embed(tokens) if self.pre_process else hidden
         B, S = x.shape[:2]
         if position_ids is None:
@@ -262,14 +269,21 @@ class Policy(nn.Module):
         cache_mask = cache_attention_mask(cache.start, S, cache.kv_len, cache.new_mask) if cache is not None else None
         kw = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_mask=cache_mask)
         recompute = torch.is_grad_enabled() and cache is None
-        for layer in self.layers.values():
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in self.layers.items():
             if layer.recompute and recompute:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False, **kw)
             else:
                 x = layer(x, cos, sin, **kw)
+            if feature_layers is not None and int(i) in feature_layers:
+                captured[int(i)] = x.detach()
         if sequence_parallel:
             x = gather_from_sp_region(x, self.tp_group)[None, :S]  # [1, T, H], the padding dropped
-        return self.norm(x) if self.post_process else x
+            captured = {i: gather_from_sp_region(c, self.tp_group)[None, :S] for i, c in captured.items()}
+        out = self.norm(x) if self.post_process else x
+        if feature_layers is None:
+            return out
+        return out, torch.cat([captured[i] for i in feature_layers], dim=-1)  # [B, S, 3H]
 
     def _shard_sequence(self, x, position_ids, cu_seqlens, max_seqlen):
         """Sequence parallelism's entry: the packed row x [1, T, H] padded to a multiple of tp with one extra

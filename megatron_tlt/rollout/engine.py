@@ -375,7 +375,7 @@ class RolloutEngine:
 
     def _output_buffers(self, max_new_tokens: int) -> OutputBuffers:
         calls = self.model_calls
-        hidden_size = calls.hidden_size if self.return_hidden else None
+        hidden_size = calls.model_hidden_size if self.return_hidden else None
         return OutputBuffers.allocate(self.num_slots, max_new_tokens, hidden_size, calls.hidden_dtype, self.device)
 
     def _admit(self, pending: deque, free_slots: list[int], steps_done: int) -> DecodeRows:
@@ -414,7 +414,7 @@ class RolloutEngine:
         buffers.tokens[slot_rows, cols] = out.tokens
         buffers.logprobs[slot_rows, cols] = out.logprobs.float()
         if buffers.hidden is not None:
-            buffers.hidden[slot_rows, cols] = out.hidden.to(buffers.hidden.dtype)
+            buffers.hidden[slot_rows, cols] = out.hidden[..., : buffers.hidden.shape[-1]].to(buffers.hidden.dtype)
         last = num_new - 1  # [B]
         rows.last_tokens = out.tokens.gather(1, last[:, None]).squeeze(1)
         rows.last_hidden = out.hidden[torch.arange(B, device=self.device), last].to(rows.last_hidden.dtype)

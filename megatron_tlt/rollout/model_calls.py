@@ -20,6 +20,12 @@ How to use:
     hidden, logits = calls.decode(tokens, positions, slots, start, kv_len)   # [B, 1] -> [B, 1, H], [B, 1, V]
     calls.add_drafter(drafter, cache_len=4096 + headroom)                   # then feed / draft_level / verify
 
+Hidden rows: the target calls return, per position, the final hidden state [H] (the LM head's input) and,
+with an EAGLE-3 drafter (drafter/eagle3.py), its target features [3H] after it in the same row, taken from
+the same forward (`Policy.hidden_states(feature_layers=...)`): `hidden_size` is the row's width (H or 4H),
+`logits` reads the first H, the drafter's feed the rest (`drafter_input`). The engine and spec/ keep
+whole rows and never look inside.
+
 GPU fast path: the per-step calls (the target's layers in decode and verify forwards, the drafter's
 draft levels) go through `StaticCalls` (cuda_graphs.py): batch padded to a power of two into an extra
 KV slot no request owns (`num_slots` is the slots requests may own; the cache has one more), kv_len
@@ -72,7 +78,9 @@ class ModelCalls:
         param = next(model.parameters())
         self.model, self.batch_invariant = model, batch_invariant
         self.device, self.hidden_dtype = param.device, param.dtype
-        self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
+        self.model_hidden_size = self.hidden_size = cfg.hidden_size  # the hidden row's width: + 3H with an EAGLE-3 drafter
+        self.vocab_size = cfg.vocab_size
+        self.feature_layers: Optional[tuple[int, ...]] = None  # the EAGLE-3 drafter's target layers
         self.max_seq_len = max_seq_len
         self.cache_dtype = dtype or param.dtype
         num_layers = len(model.layers)
@@ -102,12 +110,20 @@ class ModelCalls:
         """Speculative decoding: the drafter and its own KV cache (outside the budget), one slot per cache slot."""
         self.drafter = drafter
         self.drafter_cache = drafter.new_cache(self.cache.num_slots, cache_len, self.cache_dtype, self.device)
+        self.feature_layers = drafter.feature_layers
+        if self.feature_layers is not None:
+            self.hidden_size = self.model_hidden_size + drafter.feature_size
 
     # ---- the target ----
     def prefill(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """tokens [R, W] right-padded, cached from position 0 of slots [R] -> final hidden states [R, W, H]."""
+        """tokens [R, W] right-padded, cached from position 0 of slots [R] -> hidden rows [R, W, hidden_size]."""
         cache = CacheBatch(self.cache, slots, torch.zeros_like(slots), kv_len=tokens.shape[1], invariant=self.batch_invariant)
-        return self.model.hidden_states(tokens, cache=cache)
+        return self._rows(tokens, cache=cache)
+
+    def _rows(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        """The target's forward -> hidden rows [B, S, hidden_size]: final hidden states (, target features)."""
+        out = self.model.hidden_states(tokens, feature_layers=self.feature_layers, **kw)
+        return out if self.feature_layers is None else torch.cat([out[0], out[1].to(out[0].dtype)], dim=-1)
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, kv_len: int
@@ -127,14 +143,19 @@ class ModelCalls:
     def _target_step(self, name: str, inputs: dict, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         def fn(x: dict, kv: int) -> torch.Tensor:
             cache = CacheBatch(self.cache, x["slots"], x["start"], kv, new_mask=x.get("tree_mask"), invariant=self.batch_invariant)
-            return self.model.hidden_states(x["tokens"], position_ids=x["positions"], cache=cache)
+            return self._rows(x["tokens"], position_ids=x["positions"], cache=cache)
 
-        hidden = self.static_calls(name, fn, inputs, kv_len, self.max_seq_len)  # [B, S, H]
+        hidden = self.static_calls(name, fn, inputs, kv_len, self.max_seq_len)  # [B, S, hidden_size]
         return hidden, self.logits(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, S, H] -> fp32 logits [B, S, vocab_size], identical on every TP rank."""
-        return self.model.compute_logits(hidden).float()
+        """hidden rows [B, S, hidden_size] -> fp32 logits [B, S, vocab_size], identical on every TP rank."""
+        return self.model.compute_logits(hidden[..., : self.model_hidden_size]).float()
+
+    def drafter_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden rows [B, S, hidden_size] -> what the drafter reads at a target position: the final hidden
+        states [B, S, H] (EAGLE) or the target features [B, S, 3H] (EAGLE-3)."""
+        return hidden if self.feature_layers is None else hidden[..., self.model_hidden_size :]
 
     def keep_verified(self, slots: torch.Tensor, start: torch.Tensor, keep_index: torch.Tensor) -> None:
         """After `verify(..., slots, start, ...)`: move the verify entries keep_index [B, K] (the root and the
@@ -160,10 +181,11 @@ class ModelCalls:
     def drafter_feed(
         self, tokens: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
-        """Eager causal drafter call: tokens [B, W] with target hidden states [B, W, H] at positions start [B] + j,
-        cached after start entries of slots [B] -> drafter outputs [B, W, H]."""
+        """Eager causal drafter call: tokens [B, W] with target hidden rows [B, W, hidden_size] at positions
+        start [B] + j, cached after start entries of slots [B] -> drafter outputs [B, W, H]."""
         positions = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, W]
-        return self.drafter(tokens, hidden, positions, cache=CacheBatch(self.drafter_cache, slots, start, kv_len))
+        cache = CacheBatch(self.drafter_cache, slots, start, kv_len)
+        return self.drafter(tokens, self.drafter_input(hidden), positions, cache=cache)
 
     def draft_level(
         self, tokens: torch.Tensor, parent_g: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

@@ -69,9 +69,12 @@ def build_engine(cfg: Config, model: Policy, ps: ParallelState):
     drafter, selector = None, None
     if cfg.rollout.spec != "off":
         from megatron_tlt.drafter.io import load_drafter
-        from megatron_tlt.drafter.model import Drafter
+        from megatron_tlt.drafter.model import build_drafter
 
-        drafter = load_drafter(cfg.drafter.path, model) if cfg.drafter.path else Drafter(model).to(ps.device)
+        d = cfg.drafter
+        drafter = load_drafter(d.path, model) if d.path else build_drafter(model, d.arch, d.feature_layers).to(ps.device)
+        if drafter.arch != d.arch:
+            raise ValueError(f"drafter.path={d.path!r} holds an {drafter.arch} drafter but drafter.arch={d.arch!r}")
     if cfg.rollout.spec == "adaptive":
         selector = DraftSelector(list(DEFAULT_SHAPES.values()), max_spec_batch=cfg.rollout.max_spec_batch, seed=cfg.run.seed)
     engine = RolloutEngine(

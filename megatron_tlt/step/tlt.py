@@ -7,6 +7,7 @@ calls the same four hooks either way:
     tlt.rollout_done(rollout_id)           # this rank's rollout is done: spot-train until the slowest is too
     metrics = tlt.merge()                  # every rank: identical drafter weights for the next rollout
     if tlt.collect_hidden: ...             # the policy update returns its hidden states for the buffer
+                                           # (and the outputs of tlt.feature_layers for an EAGLE-3 drafter)
     tlt.add_update(step, samples, hidden)  # the buffer takes (tokens, hidden) of this rank's update share
     tlt.close()                            # the run ended normally on this rank
 
@@ -29,6 +30,7 @@ class NoDrafterTraining:
 
     collect_hidden = False
     drafter_trainer = None
+    feature_layers = None
 
     def rollout_done(self, rollout: RolloutId) -> None:
         pass
@@ -51,6 +53,11 @@ class OnlineDrafterTraining:
 
     def __init__(self, spot, watchdog=None):
         self.spot, self.watchdog = spot, watchdog
+        self.feature_layers = spot.trainer.drafter.feature_layers  # the update's forward also returns these (EAGLE-3)
+
+    def hidden_width(self, hidden_size: int) -> int:
+        """Width of the update's hidden rows for the buffer: H, + 3H of target features for an EAGLE-3 drafter."""
+        return hidden_size * (1 if self.feature_layers is None else 4)
 
     @property
     def drafter_trainer(self):
@@ -77,7 +84,8 @@ def build_drafter_training(cfg: Config, drafter, ps: ParallelState) -> "NoDrafte
     from megatron_tlt.drafter.data import DrafterBuffer
     from megatron_tlt.drafter.trainer import DrafterTrainer
 
-    trainer = DrafterTrainer(drafter, lr=cfg.drafter.lr, max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens)
+    trainer = DrafterTrainer(drafter, lr=cfg.drafter.lr, max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens,
+                             ttt_steps=cfg.drafter.ttt_steps)
     spot = SpotTrainer(trainer, DrafterBuffer(int(cfg.drafter.buffer_gb * 2**30)), ps, seed=cfg.run.seed,
                        max_wait_s=cfg.drafter.max_wait_s)
     watchdog = PeerWatchdog(ps.rank, ps.world_size, cfg.drafter.peer_timeout_s).start() if ps.world_size > 1 else None

@@ -38,7 +38,8 @@ def warm_up(cfg: Config, model, weights, drafter, engine, tokenizer, train_ds: P
         with weights.acquired(version=0) as rollout_model:
             seqs = [p + cs[0].token_ids for p, cs in zip(prompts, engine.generate(prompts, params))]
             train_drafter_offline(rollout_model, seqs, cfg.drafter.warmup_steps, lr=cfg.drafter.lr, drafter=drafter, seed=cfg.run.seed,
-                                  max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens, on_step=lambda i, m: last.update(m))
+                                  max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens, on_step=lambda i, m: last.update(m),
+                                  ttt_steps=cfg.drafter.ttt_steps)
         if ps.is_main:
             log.info("drafter warm-up: %d steps on %d policy samples, top-1 agreement %.2f", cfg.drafter.warmup_steps,
                      len(seqs), last.get("top1", float("nan")))

@@ -51,6 +51,7 @@ import functools
 import itertools
 import logging
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,14 +122,14 @@ class PolicyTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward_only(self, model, packs, head) -> None:
-        """`head(k, hidden)` on every pack's final hidden states, no gradients, through the update's schedule."""
-        def run(k, hidden):
-            head(k, hidden)
+    def _forward_only(self, model, packs, head, feature_layers=None) -> None:
+        """`head(k, hidden[, features])` on every pack's final hidden states, no gradients, through the update's schedule."""
+        def run(k, hidden, *features):
+            head(k, hidden, *features)
             return hidden.new_zeros(())
 
         with torch.no_grad(), self._autocast():
-            run_micro_batches(model, packs, run, self.ps, backward=False)
+            run_micro_batches(model, packs, run, self.ps, backward=False, feature_layers=feature_layers)
 
     def _reference_logprobs(self, packs) -> dict[int, torch.Tensor]:
         """The reference policy's logprobs [T_k] per pack (on the last stage)."""
@@ -151,15 +152,19 @@ class PolicyTrainer:
         """Optimizer steps per RL step: optim.mini_batches x optim.epochs."""
         return self.optim_cfg.mini_batches * self.optim_cfg.epochs
 
-    def step(self, samples: list[Sample], micro_batches: list[list[int]], max_response_len: int, collect_hidden: bool = False):
+    def step(self, samples: list[Sample], micro_batches: list[list[int]], max_response_len: int, collect_hidden: bool = False,
+             feature_layers: Optional[Sequence[int]] = None):
         """`optim.mini_batches` x `optim.epochs` optimizer steps over the step's batch, of which this DP rank trains
         `samples` in `micro_batches` (index lists into samples; `coordinator.exchange.exchange_for_update` plans
         both). Every DP rank calls it and takes the same number of optimizer steps.
 
         Returns (metrics, hidden) where hidden maps an index into `samples` to the final hidden states
         [R + 1, H] over the sample's `response_window` (only with collect_hidden), from the sample's first
-        forward (the pre-update weights): with the tokens of that window they make a drafter example.
+        forward (the pre-update weights): with the tokens of that window they make a drafter example. With
+        `feature_layers` (an EAGLE-3 drafter's, PP = 1) each is [R + 1, 4H]: the final hidden states, then the
+        outputs of those layers in the same forward (`drafter.data.from_trainer_output` splits them).
         """
+        features_of = feature_layers if collect_hidden else None
         model, dev, algo = self.model, self.ps.device, self.algo
         model.train()
         masks = [[False] * len(s.prompt_ids) + [s.trained] * len(s.response_ids) for s in samples]
@@ -178,7 +183,7 @@ class PolicyTrainer:
         diag_max = torch.zeros(1, dtype=torch.float64)  # ratio max
         hidden_out: dict[int, torch.Tensor] = {}
 
-        def first_forward(k: int, hidden: torch.Tensor, lp: torch.Tensor) -> None:
+        def first_forward(k: int, hidden: torch.Tensor, lp: torch.Tensor, features: Optional[torch.Tensor] = None) -> None:
             pb = packs[k]
             rollout_lp = _rollout_logprobs_at_targets(pb, samples, dev)
             loss_mask = pb.loss_mask.to(dev)
@@ -191,14 +196,15 @@ class PolicyTrainer:
             diag.add_(torch.stack([m["tokens"], m["ratio_sum"], m["kl_k3_sum"], dropped, gap, weights.sum()]).double().cpu())
             diag_max.clamp_(min=float(m["ratio_max"]))
             if collect_hidden:
-                for i, h in zip(pb.example_ids, unpack(hidden.detach(), pb.cu_seqlens)):
+                rows = hidden.detach() if features is None else torch.cat([hidden.detach(), features.to(hidden.dtype)], dim=-1)
+                for i, h in zip(pb.example_ids, unpack(rows, pb.cu_seqlens)):
                     hidden_out[i] = h[samples[i].response_window]
 
         # the old logprobs from a forward-only pass when the batch takes several updates, or when MIS changes the loss
         # masks (the normalisers count them before the update); else from the update's own forward (equal in value)
         if self.updates_per_step > 1 or algo.rollout_correction == "mis":
-            self._forward_only(model, packs, lambda k, h: first_forward(
-                k, h, token_logprobs(chunk, h, packs[k].targets, self.temperature)[0]))
+            self._forward_only(model, packs, lambda k, h, *f: first_forward(
+                k, h, token_logprobs(chunk, h, packs[k].targets, self.temperature)[0], *f), feature_layers=features_of)
         # the loss normalisers of each mini-batch, over DP (the corrected masks, where known: the last stage uses them)
         norms = torch.zeros(len(shares), 2, dtype=torch.float64)
         for j, ks in enumerate(share_packs):
@@ -207,12 +213,13 @@ class PolicyTrainer:
                 norms[j] += loss_normalisers(mask, sample_ids_from_cu_seqlens(packs[k].cu_seqlens))
         norms = sum_over(self.ps.dp_group, norms, dev)
 
-        def head(ks: list[int], norm: torch.Tensor, sums: torch.Tensor, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        def head(ks: list[int], norm: torch.Tensor, sums: torch.Tensor, k: int, hidden: torch.Tensor,
+                 features: Optional[torch.Tensor] = None) -> torch.Tensor:
             k = ks[k]  # the mini-batch's k-th pack: hidden [T, H] -> its loss
             pb = packs[k]
             lp, ent = token_logprobs(chunk, hidden, pb.targets, self.temperature, compute_entropy=True)
             if k not in old:
-                first_forward(k, hidden, lp)
+                first_forward(k, hidden, lp, features)
             sample_ids = sample_ids_from_cu_seqlens(pb.cu_seqlens).to(dev)
             adv = torch.tensor([samples[i].advantage for i in pb.example_ids], dtype=torch.float32, device=dev)[sample_ids]
             weights, loss_mask = corrected[k]
@@ -234,7 +241,7 @@ class PolicyTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
                     run_micro_batches(model, [packs[k] for k in ks], functools.partial(head, ks, norm, sums), self.ps,
-                                      backward=True)
+                                      backward=True, feature_layers=features_of if any(k not in old for k in ks) else None)
                 updates.append(self._apply_update(sums))
         diag, diag_max = sum_over(self.ps.dp_group, diag, dev), max_over(self.ps.dp_group, diag_max, dev)
         if self.ps.pp_size > 1:  # computed on the last stage only

@@ -5,7 +5,9 @@
 runs every packed micro-batch (`data.packing.PackedBatch`) through the model and calls `head(k, hidden)` on
 the rank that holds the last stage with pack k's final normed hidden states [T_k, H]; with `backward`,
 `head` returns pack k's loss and gradients accumulate in the parameters' `.grad` (summed over the
-micro-batches, unscaled: the loss is normalised by the caller, `rl.algorithms.policy_loss`).
+micro-batches, unscaled: the loss is normalised by the caller, `rl.algorithms.policy_loss`). With
+`feature_layers` (PP = 1: an EAGLE-3 drafter's target features) `head(k, hidden, features)` also gets those
+layers' outputs [T_k, 3H] from the same forward (`Policy.hidden_states`).
 
 - PP = 1: a plain loop, forward then backward per micro-batch.
 - PP > 1: torch.distributed.pipelining's `Schedule1F1B` (vpp = 1) or `ScheduleInterleaved1F1B` (vpp > 1)
@@ -20,7 +22,7 @@ shapes, so the schedule runs no metadata-inference pass. Each stage reads its mi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,7 +31,7 @@ from megatron_tlt.models.packed import chunk_forward
 from megatron_tlt.models.pipeline import PolicyStage
 from megatron_tlt.parallel.state import ParallelState
 
-Head = Callable[[int, torch.Tensor], torch.Tensor]
+Head = Callable[..., torch.Tensor]  # head(k, hidden[, features]) -> pack k's loss
 _EMPTY_TOKENS = 8  # token count of the padding micro-batches when this pipeline has no pack at all
 
 
@@ -77,14 +79,21 @@ def head_chunk(model: nn.Module) -> nn.Module:
     return model.chunks[-1] if isinstance(model, PolicyStage) else model
 
 
-def run_micro_batches(model: nn.Module, packs: list, head: Head, ps: ParallelState, *, backward: bool) -> None:
+def run_micro_batches(
+    model: nn.Module, packs: list, head: Head, ps: ParallelState, *, backward: bool, feature_layers: Optional[Sequence[int]] = None
+) -> None:
     """See the module docstring. Every rank of the pipeline calls it with the same packs."""
     if ps.pp_size == 1:
         for k, pb in enumerate(packs):
-            out = head(k, chunk_forward(model, pb))
+            if feature_layers is not None:
+                out = head(k, *chunk_forward(model, pb, feature_layers=feature_layers))
+            else:
+                out = head(k, chunk_forward(model, pb))
             if backward:
                 out.backward()
         return
+    if feature_layers is not None:
+        raise ValueError("feature_layers (the EAGLE-3 drafter's target features) are collected at PP = 1 only")
     _pipelined(model, packs, head, ps, backward)
 
 

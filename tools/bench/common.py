@@ -1,19 +1,21 @@
-"""A small trained policy and its drafter, for the rollout and TLT benchmarks; cached on disk.
+"""A small trained policy and its drafters (both heads), for the rollout and TLT benchmarks; cached on disk.
 
 Speculative decoding is only as fast as the drafter is accepted, so a benchmark needs a policy whose
 outputs are structured and a drafter that learned them. `trained_models(args, ps)` builds both with
 the library's own warm-up (`step.warmup.warm_up`): the policy is trained supervised (packed) on a
 built-in synthetic task's worked solutions, then it answers training prompts (sampled at the
 rollout temperature, as in RL) and the drafter is trained offline on those samples
-(`drafter.trainer.train_drafter_offline`). Benchmarks then run on the task's held-out prompts, which
-neither model has seen.
+(`drafter.trainer.train_drafter_offline`). Two drafters are trained at the same budget (steps, learning
+rate, micro-batch tokens) on the same samples: the EAGLE head (`drafter`, drafter.arch=eagle) and the
+EAGLE-3 head (`eagle3`, drafter.arch=eagle3, with training-time test), so benchmarks can compare them.
+Benchmarks then run on the task's held-out prompts, which no model has seen.
 
 The result is saved under --cache-dir (a megatron_tlt checkpoint with the tokenizer, and a drafter
 directory) in a folder named by a hash of the model and data configs and the warm-up options, so a rerun
 with the same options loads it in seconds. Delete the folder after changing the model or warm-up code.
 
-    add_model_args(parser)                     # the options below
-    models = trained_models(args, ps)          # TrainedModels: policy, drafter, tokenizer, prompts
+    add_model_args(parser)                     # the options below (--quick: a tiny model for a smoke run)
+    models = trained_models(args, ps)          # TrainedModels: policy, drafter, eagle3, tokenizer, prompts
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from megatron_tlt.config.schema import Config, DataConfig, DrafterConfig, ModelC
 from megatron_tlt.data.datasets import PromptDataset
 from megatron_tlt.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 from megatron_tlt.drafter.io import load_drafter, save_drafter
-from megatron_tlt.drafter.model import Drafter
+from megatron_tlt.drafter.eagle3 import Eagle3Drafter
+from megatron_tlt.drafter.model import Drafter, build_drafter
 from megatron_tlt.checkpoint.loading import load_model
 from megatron_tlt.models.transformer import Policy
 from megatron_tlt.parallel import set_seed
@@ -40,7 +43,9 @@ from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.step.setup import build_datasets, build_engine, build_rollout_weights, build_tokenizer
 from megatron_tlt.step.warmup import warm_up
 
-POLICY_DIR, DRAFTER_DIR = "policy", "drafter"
+POLICY_DIR, DRAFTER_DIR, EAGLE3_DIR = "policy", "drafter", "drafter_eagle3"
+HEADS = {"eagle": DRAFTER_DIR, "eagle3": EAGLE3_DIR}  # drafter.arch -> its cached drafter directory
+QUICK = dict(hidden=64, layers=4, sft_steps=40, drafter_prompts=32, drafter_steps=60, sample_max_new_tokens=96, num_held_out=16)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,13 +66,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-max-new-tokens", type=int, default=256, help="response limit of the drafter's training samples")
     g.add_argument("--num-held-out", type=int, default=256, help="held-out prompts to benchmark on")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quick-models", action="store_true",
+                   help="a tiny model and short warm-ups (" + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + ")")
+
+
+def apply_quick_models(args) -> None:
+    """--quick-models: the QUICK sizes in place of the model and warm-up options."""
+    if args.quick_models:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
 
 
 @dataclass
 class TrainedModels:
     cfg: Config  # what built them (model, data, warm-up options)
     policy: Policy
-    drafter: Drafter
+    drafter: Drafter  # the EAGLE head
+    eagle3: Eagle3Drafter  # the EAGLE-3 head, trained at the same budget on the same samples
     tokenizer: object
     train: PromptDataset  # the prompts the policy and the drafter were trained on
     held_out: PromptDataset  # prompts neither has seen
@@ -98,7 +113,8 @@ WARM_UP_OPTIONS = ("sft_steps", "sft_batch", "sft_lr", "drafter_prompts", "draft
 
 def _cache_dir(args, cfg: Config) -> Path:
     shaping = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-               "warm_up": {name: getattr(args, name) for name in WARM_UP_OPTIONS}}
+               "warm_up": {name: getattr(args, name) for name in WARM_UP_OPTIONS}, "heads": sorted(HEADS),
+               "ttt_steps": cfg.drafter.ttt_steps}
     key = json.dumps(shaping, sort_keys=True, default=str)
     return Path(args.cache_dir) / f"{args.task}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}"
 
@@ -115,24 +131,32 @@ class _Lines(logging.Handler):
 
 
 def _train_and_save(cfg: Config, ps: ParallelState, tokenizer, tokenizer_dir: Path, train: PromptDataset, root: Path) -> None:
-    """Warm the policy and the drafter up from scratch (`step.warmup.warm_up`) and save them under `root`."""
+    """Warm the policy and the EAGLE drafter up from scratch (`step.warmup.warm_up`), then the EAGLE-3 drafter the
+    same way at the same budget (the policy's warm-up skipped: the same policy, so the same samples), and save
+    them under `root`."""
     set_seed(cfg.run.seed)
     policy = Policy(cfg.model, ps.tp_group).to(ps.device)
     engine, _ = build_engine(cfg, policy, ps)  # cfg.rollout.spec is "off": a plain engine for the drafter's samples
-    drafter = Drafter(policy).to(ps.device)
+    weights = build_rollout_weights(cfg, policy, ps)
     lines = _Lines()
     logger = logging.getLogger("megatron_tlt.step.warmup")
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
-    start = time.perf_counter()
+    drafters, start = {}, time.perf_counter()
     try:
-        warm_up(cfg, policy, build_rollout_weights(cfg, policy, ps), drafter, engine, tokenizer, train, ps)
+        for arch in ("eagle", "eagle3"):  # the policy's SFT runs with the first only
+            set_seed(cfg.run.seed + 1)
+            drafters[arch] = build_drafter(policy, arch).to(ps.device)
+            lines.lines.append(f"drafter head {arch}:")
+            warm_up(cfg, policy, weights, drafters[arch], engine, tokenizer, train, ps)
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, sft_steps=0))
     finally:
         logger.removeHandler(lines)
-    report = [*lines.lines, f"policy and drafter trained in {time.perf_counter() - start:.0f} s"]
+    report = [*lines.lines, f"policy and drafters trained in {time.perf_counter() - start:.0f} s"]
     files = {name: tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()}
     save_checkpoint(root / POLICY_DIR, policy, cfg.model, files=files)
-    save_drafter(root / DRAFTER_DIR, drafter, meta={"report": report})  # last: its presence marks a complete cache
+    save_drafter(root / EAGLE3_DIR, drafters["eagle3"])
+    save_drafter(root / DRAFTER_DIR, drafters["eagle"], meta={"report": report})  # last: its presence marks a complete cache
 
 
 def trained_models(args, ps: ParallelState, dtype=None) -> TrainedModels:
@@ -152,5 +176,5 @@ def trained_models(args, ps: ParallelState, dtype=None) -> TrainedModels:
     if cached:
         report.append(f"(loaded from {root})")
     policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device, dtype=dtype)
-    drafter = load_drafter(root / DRAFTER_DIR, policy).eval()
-    return TrainedModels(cfg, policy, drafter, tokenizer, train, held_out, root / POLICY_DIR, report)
+    drafter, eagle3 = (load_drafter(root / HEADS[arch], policy).eval() for arch in ("eagle", "eagle3"))
+    return TrainedModels(cfg, policy, drafter, eagle3, tokenizer, train, held_out, root / POLICY_DIR, report)

@@ -1,7 +1,8 @@
 """Rollout decode throughput: plain vs speculative decoding (chain, tree, adaptive) at live batch sizes 1-64.
 
-DESIGN target: adaptive speculative decoding >= 2x plain decoding in the long-tail phase (batch <= 4),
-and never slower than plain at any batch size.
+DESIGN targets: adaptive speculative decoding >= 2x plain decoding in the long-tail phase (batch <= 4),
+and never slower than plain at any batch size; the EAGLE-3 head's accepted length >= 1.3x the EAGLE head's
+at equal drafter training budget, at draft depth >= 4.
 
 The model (tools/bench/common.py, cached under --cache-dir): a policy trained supervised on the
 countdown task's worked solutions, and a one-layer EAGLE drafter trained offline on the policy's own
@@ -25,6 +26,10 @@ B = --sampled-batch, every SD mode twice: with coupled drafts (the engine's defa
 child is the drafter's sample under the target's position noise) and with the drafter's top-k tokens
 ("/topk"). Speculative decoding is exact-sample, so every mode must emit plain decoding's tokens: each
 section prints how many sequences are identical to plain decoding's (the last round's, token for token).
+Drafter heads: the EAGLE (drafter.arch=eagle) and EAGLE-3 (drafter.arch=eagle3) drafters, trained offline at
+the same budget on the same samples (tools/bench/common.py), each drafting chains of --chain-depth and trees
+at B = --heads-batch, greedy and at temperature 1: accepted length and tokens/s vs plain per head, and the
+EAGLE-3 / EAGLE ratio of accepted lengths (--heads-only: this section alone).
 --invariant-check adds plain and adaptive with `rollout.batch_invariant` (attention per query in fp32) at
 temperature 1: its cost, and the identical sequences with and without it (in --dtype bfloat16, where
 the logits' last bits depend on the call's shapes).
@@ -35,12 +40,14 @@ bytes read per token (the weights, minus the embedding table of which one row is
 cache of the context) / step time, as a fraction of --peak-bandwidth.
 
     python tools/bench/rollout.py                   # CPU defaults: trains the model once (~4 min, cached), then ~5 min
+    python tools/bench/rollout.py --quick           # smoke run: a tiny model, the drafter heads only, one round (~2 min)
     python tools/bench/rollout.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 \\
         --dtype bfloat16 --batch-sizes 1 4 16 64 256     # on a GPU (the roofline needs a model big enough to be bandwidth-bound)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -50,7 +57,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_model_args, trained_models  # noqa: E402
+from common import add_model_args, apply_quick_models, trained_models  # noqa: E402
 
 from megatron_tlt.checkpoint.convert import tlt_to_hf  # noqa: E402
 from megatron_tlt.config.schema import DTYPES  # noqa: E402
@@ -73,6 +80,27 @@ class ModeResult:
     @property
     def accept_len(self) -> float:
         return self.accepted / self.spec_row_steps if self.spec_row_steps else 0.0
+
+
+def heads_section(models, prompts: list[list[int]], max_seq_len: int, eos, args) -> None:
+    """EAGLE vs EAGLE-3 at equal training budget: chain and tree SD with each head, greedy and at temperature 1."""
+    heads = {"eagle": models, "eagle3": dataclasses.replace(models, drafter=models.eagle3)}
+    print(f"drafter heads at equal training budget, B={args.heads_batch}, chain depth {args.chain_depth}, tree depth "
+          f"{args.tree_depth} (accept: draft tokens accepted per speculative step)")
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, max_new_tokens=args.max_new_tokens, stop_token_ids=eos, seed=args.seed)
+        results = {arch: bench_batch(m, prompts, args.heads_batch, params, max_seq_len, args, ("plain", "chain", "tree"))
+                   for arch, m in heads.items()}
+        for arch, r in results.items():
+            print_rows(f"{arch} T={temperature:g}", args.heads_batch, r)
+            print(f"        outputs: {identical_note(r)}")
+        print(f"EAGLE-3 / EAGLE accepted length at T={temperature:g}: " + ", ".join(
+            f"{mode} {results['eagle3'][mode].accept_len / max(results['eagle'][mode].accept_len, 1e-9):.2f}x "
+            f"({results['eagle'][mode].accept_len:.2f} -> {results['eagle3'][mode].accept_len:.2f}), speedup vs plain "
+            f"{results['eagle'][mode].tokens_per_s / results['eagle']['plain'].tokens_per_s:.2f}x -> "
+            f"{results['eagle3'][mode].tokens_per_s / results['eagle3']['plain'].tokens_per_s:.2f}x"
+            for mode in ("chain", "tree")
+        ) + "  (target at depth >= 4: >= 1.3x)")
 
 
 def make_engine(models, mode: str, batch: int, max_seq_len: int, args) -> RolloutEngine:
@@ -257,7 +285,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="timed rounds per mode after a warm-up; the best counts")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the benchmarked models (trained in float32)")
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="bytes/s of the GPU's HBM (H100 SXM: 3.35e12)")
+    p.add_argument("--heads-batch", type=int, default=1, help="live batch of the drafter heads' comparison")
+    p.add_argument("--heads-only", action="store_true", help="only the drafter heads' comparison")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: --quick-models, --heads-only, --iters 1, --max-new-tokens 48, --min-prompts 4")
     args = p.parse_args()
+    if args.quick:
+        args.quick_models, args.heads_only, args.iters, args.max_new_tokens, args.min_prompts = True, True, 1, 48, 4
+    apply_quick_models(args)
 
     ps = init_parallel()
     start = time.perf_counter()
@@ -281,6 +316,11 @@ def main() -> None:
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, stop_token_ids=eos)
     print(f"shapes: chain depth {args.chain_depth}; tree depth {args.tree_depth}, top-{args.tree_topk}, verify {args.tree_verify}; "
           f"adaptive over off/chain/tree at live batch <= {args.max_spec_batch}")
+    heads_section(models, prompts_for(args.heads_batch), max_seq_len, eos, args)
+    if args.heads_only:
+        print(f"total {time.perf_counter() - start:.0f} s")
+        destroy_parallel()
+        return
     results_by_batch = {}
     for batch in args.batch_sizes:
         t0 = time.perf_counter()

@@ -13,7 +13,10 @@ invocation then runs the same GRPO workload from it three times, each as a 2-DP-
 - sched:  rollout.spec=off with the long-tail scheduler (coordinator.assignment=balanced, admission=longest_first,
           steal=true)
 - tlt_sched: tlt with the scheduler (--modes picks; the scheduler's predictions need prompts that recur: --prompt-pool)
-Rollouts sample at temperature 1, as in RL. Rewards: the task's verifier plus 0.5 x the format reward (a
+- frozen3 / tlt3: frozen / tlt with the EAGLE-3 head (drafter.arch=eagle3) trained offline at the same budget
+  on the same samples as the EAGLE head the other modes use; with both present it prints the EAGLE-3 / EAGLE
+  ratios of accepted length and step speedup (online, both heads get the same idle time to train in)
+Rollouts sample at --temperature (1, as in RL; 0: greedy). Rewards: the task's verifier plus 0.5 x the format reward (a
 final answer is stated), so the policy has a signal, and moves, even while it rarely solves a task.
 
 The workload is the regime TLT addresses: a few long responses (up to --max-new-tokens, near the model's
@@ -36,6 +39,7 @@ under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_ti
                                          # per mode ~1 min of start-up and evaluations, then 12 steps of ~16 s (no SD)
                                          # or ~8 s (SD) with 4 prompts x 8 samples
     python tools/bench/tlt.py --quick    # 3 steps of 4 prompts x 4 samples up to 256 tokens: a few minutes
+    python tools/bench/tlt.py --quick --quick-models --modes frozen,frozen3 --steps 1   # smoke run of the heads (~2 min)
     python tools/bench/tlt.py --modes nosd,steal,sched,tlt,tlt_sched --prompt-pool 16 --lr 1e-12 --prompts 8 --max-batch 4
                                          # the scheduler (see below), ~43 min: 32 requests per rank queue for 4 KV slots,
                                          # so placement, admission order and stealing matter
@@ -60,7 +64,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DRAFTER_DIR, POLICY_DIR, add_model_args, bench_config, trained_models  # noqa: E402
+from common import HEADS, POLICY_DIR, add_model_args, apply_quick_models, bench_config, trained_models  # noqa: E402
 
 from megatron_tlt.config import load_config  # noqa: E402
 from megatron_tlt.coordinator.scheduler import assign_groups, max_makespan, round_robin, simulate_makespan  # noqa: E402
@@ -76,7 +80,10 @@ MODES = {
     "steal": ("work stealing only", ["rollout.spec=off", "coordinator.steal=true"]),
     "sched": ("scheduler only", ["rollout.spec=off", *SCHEDULER]),
     "tlt_sched": ("TLT + scheduler", ["rollout.spec=adaptive", "drafter.online=true", *SCHEDULER]),
+    "frozen3": ("SD, frozen EAGLE-3", ["rollout.spec=adaptive", "drafter.online=false"]),
+    "tlt3": ("TLT, EAGLE-3", ["rollout.spec=adaptive", "drafter.online=true"]),
 }
+HEAD_OF = {"frozen3": "eagle3", "tlt3": "eagle3"}  # drafter.arch of a mode; the others: eagle
 
 
 def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
@@ -84,11 +91,12 @@ def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
     verifier = "countdown" if a.task == "countdown" else "math"
     return [
         f"run.dir={Path(a.out) / mode}", f"run.seed={a.seed}", "run.tensorboard=false", "run.eval_every=0",
-        f"run.model_path={models_dir / POLICY_DIR}", f"drafter.path={models_dir / DRAFTER_DIR}",
+        f"run.model_path={models_dir / POLICY_DIR}", f"drafter.path={models_dir / HEADS[HEAD_OF.get(mode, 'eagle')]}",
+        f"drafter.arch={HEAD_OF.get(mode, 'eagle')}", f"rollout.temperature={a.temperature}",
         "run.sft_steps=0", "drafter.warmup_steps=0",
         f"data.task={a.task}", f"data.num_examples={a.prompt_pool or data.num_examples}", "data.eval_examples=4",
         f"data.max_prompt_tokens={data.max_prompt_tokens}", f"reward.fns=[{{name: {verifier}}}, {{name: format, weight: 0.5}}]", "reward.num_workers=0",
-        f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "rollout.temperature=1.0",
+        f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
         f"optim.lr={a.lr}", f"drafter.lr={a.drafter_lr_online}", f"drafter.micro_batch_tokens={a.drafter_tokens}",
         "run.save_rollouts=true", *([f"rollout.max_batch={a.max_batch}"] if a.max_batch else []), *MODES[mode][1],
@@ -178,11 +186,13 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="policy learning rate (how fast the policy moves)")
     p.add_argument("--drafter-lr-online", type=float, default=3e-4)
     p.add_argument("--drafter-tokens", type=int, default=512, help="tokens per drafter step: the unit of preemption")
-    p.add_argument("--modes", default="nosd,frozen,tlt", help=f"a comma list of {', '.join(MODES)}")
+    p.add_argument("--modes", default="nosd,frozen,tlt,frozen3,tlt3", help=f"a comma list of {', '.join(MODES)}")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (1 as in RL; 0: greedy)")
     p.add_argument("--prompt-pool", type=int, default=0,
                    help="training prompts the steps draw from (0: the task's 4096); a small pool recurs over the steps (epochs), "
                         "so the scheduler's per-prompt length predictions have a history")
     a = p.parse_args(argv)
+    apply_quick_models(a)
     shaping = bench_config(a)
     room = shaping.model.max_position_embeddings - shaping.data.max_prompt_tokens
     if a.max_new_tokens > room:
@@ -203,7 +213,7 @@ def main(argv=None) -> None:
         print(f"[bench] {mode}: {len(rows)} RL steps in a {wall:.0f}s run (incl. warm-up and the held-out evaluations); response length "
               f"p50 {s['p50']:.1f} p90 {s['p90']:.1f} max {s['max']:.0f} (p90/p50 {s['p90'] / max(s['p50'], 1):.2f})", flush=True)
     print(f"\nmeans over RL steps {a.skip}..{a.steps - 1} (2 DP ranks, {a.task}, hidden {a.hidden}, {a.layers} layers, "
-          f"{a.prompts} prompts x {a.n} samples, max_new_tokens {a.max_new_tokens}, temperature 1)")
+          f"{a.prompts} prompts x {a.n} samples, max_new_tokens {a.max_new_tokens}, temperature {a.temperature:g})")
     print(f"{'mode':<20} {'step s':>8} {'rollout s':>10} {'train s':>8} {'accept':>7} {'drafter steps':>14} "
           f"{'drafter s':>10} {'idle rank-s recovered':>22} {'reward':>7} {'tokens':>7} {'longest':>8}")
     for mode in modes:
@@ -213,7 +223,7 @@ def main(argv=None) -> None:
               f"{s['reward']:>7.3f} {s['tokens']:>7.0f} {s['longest']:>8.0f}")
     if "nosd" in res:
         base = res["nosd"]
-        others = [(m, MODES[m][0]) for m in ("frozen", "tlt", "steal", "sched", "tlt_sched") if m in res]
+        others = [(m, MODES[m][0]) for m in ("frozen", "tlt", "steal", "sched", "tlt_sched", "frozen3", "tlt3") if m in res]
         print(f"rollout share of the no-SD step: {100 * base['rollout_share']:.0f}%")
         if others:
             print("rollout speedup vs no-SD: " + ", ".join(f"{name} {base['rollout'] / res[m]['rollout']:.2f}x" for m, name in others))
@@ -242,6 +252,13 @@ def main(argv=None) -> None:
                   f"{res['sched']['stolen']:.1f} requests stolen per step")
         if "tlt_sched" in res:
             print(f"TLT + scheduler: step speedup vs no SD {base['step'] / res['tlt_sched']['step']:.2f}x (target >= 2.3x)")
+    for eagle, eagle3 in (("frozen", "frozen3"), ("tlt", "tlt3")):
+        if eagle in res and eagle3 in res:
+            e, e3 = res[eagle], res[eagle3]
+            print(f"{MODES[eagle3][0]} vs {MODES[eagle][0]}: accepted length {e['accept']:.2f} -> {e3['accept']:.2f} "
+                  f"({e3['accept'] / e['accept']:.2f}x; target >= 1.3x), rollout {e['rollout']:.3f} -> {e3['rollout']:.3f} s "
+                  f"({e['rollout'] / e3['rollout']:.2f}x), step {e['step'] / e3['step']:.2f}x, drafter steps "
+                  f"{e['drafter_steps']:.0f} -> {e3['drafter_steps']:.0f}")
     if "tlt" in res:
         s = res["tlt"]
         print(f"drafter training on the critical path: {100 * s['after_stop'] / s['step']:.1f}% of step time "
