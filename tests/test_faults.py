@@ -308,6 +308,7 @@ def _env_of(pid: int) -> dict:
     return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
 
 
+@pytest.mark.slow  # torchrun agents (CI runs it: .ci/run takes the slow tests too)
 def test_two_torchrun_nodes_survivor_exits_when_its_peer_is_killed(tmp_path):
     """launch/torchrun_multi_node.sh on this machine as two nodes (one rank each, c10d rendezvous on 127.0.0.1):
     a TLT run; once step 0 is logged, node 1's rank hangs in its rewards so node 0's trains the drafter, and node

@@ -114,10 +114,10 @@ def test_two_mini_batches_equal_two_sequential_updates_against_the_pre_update_ol
         if old_policy is not None:  # the old-logprob pass: the frozen policy's trunk and LM head
             forward_only, old_head = trainer._forward_only, schedule_mod.head_chunk(old_policy)
 
-            def old_pass(_model, packs, head):
+            def old_pass(_model, packs, head, **kw):
                 with monkeypatch.context() as m:
                     m.setattr(policy_mod, "token_logprobs", lambda _chunk, *a, **kw: token_logprobs(old_head, *a, **kw))
-                    forward_only(old_policy, packs, head)
+                    forward_only(old_policy, packs, head, **kw)
 
             monkeypatch.setattr(trainer, "_forward_only", old_pass)
         for share_samples, micro_batches in shares:
@@ -187,11 +187,11 @@ def test_old_logprobs_are_the_pre_update_policys(monkeypatch, mini_batches, epoc
     forwards, calls, packs = [], [], []
     real_forward, real_loss, real_run = schedule_mod.chunk_forward, policy_mod.policy_loss, policy_mod.run_micro_batches
 
-    def run(model_, packs_, head, ps_, *, backward):
+    def run(model_, packs_, head, ps_, *, backward, **kw):
         packs.extend(packs_ if backward else [])  # the update's packs, in the order of the policy_loss calls
-        return real_run(model_, packs_, head, ps_, backward=backward)
+        return real_run(model_, packs_, head, ps_, backward=backward, **kw)
 
-    monkeypatch.setattr(schedule_mod, "chunk_forward", lambda m, pb: forwards.append(pb) or real_forward(m, pb))
+    monkeypatch.setattr(schedule_mod, "chunk_forward", lambda m, pb, **kw: forwards.append(pb) or real_forward(m, pb, **kw))
     monkeypatch.setattr(policy_mod, "policy_loss",
                         lambda lp, old, *a, **k: calls.append((lp.detach(), old)) or real_loss(lp, old, *a, **k))
     monkeypatch.setattr(policy_mod, "run_micro_batches", run)

@@ -48,6 +48,7 @@ def test_a_bad_layout_fails_at_config_load_naming_the_sizes(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.slow  # torchrun agents (CI runs it: .ci/run takes the slow tests too)
 def test_a_world_size_not_divisible_by_tp_x_pp_fails_at_start(tmp_path):
     r = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "3", "--no-python", "megatron-tlt", "train", TINY,
                         "parallel.tensor_parallel_size=2", f"run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
