@@ -37,7 +37,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from megatron_tlt.parallel.state import ParallelState
-from megatron_tlt.rollout.types import Completion
+from megatron_tlt.rollout import Completion
 
 Key = tuple[int, int]  # (group id = the prompt's seed id, sample index)
 
