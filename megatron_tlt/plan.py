@@ -30,7 +30,8 @@ What a rank holds, per pipeline rank (each is a distinct kind of rank: TP and DP
   `parallel.sequence_parallel` divides the h terms by TP. Plus, per micro-batch, the RoPE tables (2 e D),
   the token ids on the first stage (8), the final norm, the logprob head (int64 targets, fp32
   logsumexp / entropy terms, ~8 fp32 loss terms) on the last stage and the received hidden input (e H)
-  on the others. A pipeline rank holds `in_flight` micro-batches of its chunks at once: pp - rank with
+  on the others; at PP > 1 with an online EAGLE-3 drafter the stages pass its three feature slots along
+  (e 3H more received, and sent by every chunk but the last). A pipeline rank holds `in_flight` micro-batches of its chunks at once: pp - rank with
   1F1B, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1 chunk micro-batches with interleaving. Backward adds
   the largest transient: at the head, the fp32 weight-gradient accumulator [V/tp, H], four fp32 logit
   chunks [1024, V/tp] (two of a chunk and two of the previous one, still referenced; three when one chunk) and
@@ -195,6 +196,8 @@ def _activations(cfg: Config, layers: list[tuple[int, int]], pp_rank: int, tp: i
     T, H, pp, vpp = o.micro_batch_tokens, m.hidden_size, p.pipeline_parallel_size, p.virtual_pipeline_size
     sp = p.sequence_parallel and tp > 1
     per_layer = layer_activation_bytes(m, tp, sp, e, "none" if o.recompute == "full" else o.recompute)
+    # an online EAGLE-3 drafter's target features ride with the activations between stages ([T, H + 3H])
+    features = 3 * H if pp > 1 and cfg.rollout.spec != "off" and cfg.drafter.online and cfg.drafter.arch == "eagle3" else 0
     layer_input = e * (H // tp if sp else H)
     first, last = pp_rank == 0, pp_rank == pp - 1
     in_flight = pp - pp_rank if vpp == 1 else (pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1
@@ -206,7 +209,9 @@ def _activations(cfg: Config, layers: list[tuple[int, int]], pp_rank: int, tp: i
         if first and c == 0:
             chunk += 8  # token ids (the embedding's backward)
         else:
-            chunk += e * H  # the hidden input received from the previous stage
+            chunk += e * (H + features)  # the hidden input received from the previous stage
+        if not (last and c == len(layers) - 1):
+            chunk += e * features  # the feature slots of the output sent on (its hidden part is the next layer input)
         if last and c == len(layers) - 1:
             chunk += 4 * H + 2 * e * H + 4 + 8 + 8 + 8 * 4  # final norm + output, targets, lse, entropy, loss terms
         per_chunk.append(chunk)

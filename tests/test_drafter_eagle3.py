@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dist_utils import run_distributed
 
-from megatron_tlt.config.schema import AlgoConfig, Config, DrafterConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig
+from megatron_tlt.config.schema import AlgoConfig, Config, DrafterConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_tlt.coordinator.exchange import exchange_for_update
 from megatron_tlt.drafter.data import from_trainer_output, make_batches, policy_examples
 from megatron_tlt.drafter.eagle3 import Eagle3Drafter, default_feature_layers, frequent_tokens
@@ -114,8 +114,6 @@ def test_default_feature_layers_are_the_servers_and_bad_ones_are_refused(policy)
         DrafterConfig(arch="eagle2")
     with pytest.raises(ValueError, match="below model.num_layers=4"):
         Config(model=CFG, drafter=DrafterConfig(feature_layers=[0, 1, 4]))
-    with pytest.raises(ValueError, match="eagle3 trains online at parallel.pipeline_parallel_size=1 only"):
-        Config(model=CFG, parallel=ParallelConfig(pipeline_parallel_size=2), rollout=RolloutConfig(spec="chain"))
 
 
 # ---- the loss ----

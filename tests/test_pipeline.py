@@ -40,7 +40,9 @@ def _single_state(ps):
                                pp_group=one, dp_group=one, embedding_group=None)
 
 
-def _update(model, ps, steps: int, kl: float = 0.0, mini_batches: int = 1, correction: str = "none"):
+def _update(model, ps, steps: int, kl: float = 0.0, mini_batches: int = 1, correction: str = "none", features=None):
+    """The metrics of `steps` updates, and each step's hidden rows for the drafter ([R + 1, H + 3H] with the
+    EAGLE-3 `features` layers; on the last stage)."""
     optim = OptimConfig(lr=1e-2, micro_batch_tokens=40, grad_clip=0.5, mini_batches=mini_batches)
     ref = None
     if kl:
@@ -50,8 +52,9 @@ def _update(model, ps, steps: int, kl: float = 0.0, mini_batches: int = 1, corre
     trainer = PolicyTrainer(model, optim, AlgoConfig(kl_coef=kl, rollout_correction=correction), ps, total_steps=4, ref_model=ref)
     samples = _samples()
     bins = [list(range(0, 4)), list(range(4, 7)), list(range(7, 10))]
-    metrics = [trainer.step(samples, bins, max_response_len=12)[0] for _ in range(steps)]
-    return metrics
+    out = [trainer.step(samples, bins, max_response_len=12, collect_hidden=features is not None, feature_layers=features)
+           for _ in range(steps)]
+    return [m for m, _ in out], [h for _, h in out]
 
 
 def _check_equal(stage_sd, ref_sd, ps, what, atol=1e-5):
@@ -59,7 +62,7 @@ def _check_equal(stage_sd, ref_sd, ps, what, atol=1e-5):
         torch.testing.assert_close(t, ref_sd[name], rtol=1e-4, atol=atol, msg=lambda m: f"{what} {name}: {m}")
 
 
-def _update_case(tp, pp, vpp, tied, kl, mini_batches=1, correction="none"):
+def _update_case(tp, pp, vpp, tied, kl, mini_batches=1, correction="none", features=None):
     ps = init_parallel(ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, virtual_pipeline_size=vpp))
     cfg = ModelConfig(**CFG, tie_word_embeddings=tied)
     torch.manual_seed(0)
@@ -68,8 +71,14 @@ def _update_case(tp, pp, vpp, tied, kl, mini_batches=1, correction="none"):
     torch.manual_seed(0)
     full = Policy(cfg, one.tp_group)
     _check_equal(gather_full_state_dict(stage, ps.tp_group), full.state_dict(), ps, "init")
-    got = _update(stage, ps, steps=2, kl=kl, mini_batches=mini_batches, correction=correction)
-    want = _update(full, one, steps=2, kl=kl, mini_batches=mini_batches, correction=correction)
+    got, got_hidden = _update(stage, ps, steps=2, kl=kl, mini_batches=mini_batches, correction=correction, features=features)
+    want, want_hidden = _update(full, one, steps=2, kl=kl, mini_batches=mini_batches, correction=correction, features=features)
+    if features is not None and ps.pp_rank == pp - 1:  # the EAGLE-3 features of layers on both stages reach the last
+        for g, w in zip(got_hidden, want_hidden):
+            assert g.keys() == w.keys() == set(range(10))
+            for i in w:
+                assert g[i].shape == (len(_samples()[i].response_ids) + 1, 4 * CFG["hidden_size"])
+                torch.testing.assert_close(g[i], w[i], rtol=1e-4, atol=1e-5)
     for g, w in zip(got, want):
         assert g.keys() == w.keys() and g["optimizer_steps"] == mini_batches
         if correction == "mis":  # the pre-update logprobs reject some tokens, the same ones at PP = 1
@@ -224,8 +233,10 @@ def _empty_replica_case():
 
 
 def _pp2_worker(rank, world):
-    cases = [(_empty_replica_case,), (_update_case, 1, 2, 1, False, 0.0), (_update_case, 1, 2, 2, False, 0.0), (_update_case, 1, 2, 1, True, 0.1),
-             (_update_case, 1, 2, 1, False, 0.0, 2, "mis"),  # the old-logprob pass and MIS masks through the pipeline
+    feats = (0, 2, 3)  # EAGLE-3 target features from layers on both stages (and on 3 of the 4 interleaved chunks)
+    cases = [(_empty_replica_case,), (_update_case, 1, 2, 1, False, 0.0), (_update_case, 1, 2, 2, False, 0.0, 1, "none", feats),
+             (_update_case, 1, 2, 1, True, 0.1, 1, "none", feats),
+             (_update_case, 1, 2, 1, False, 0.0, 2, "mis", feats),  # the old-logprob pass and MIS masks through the pipeline
              (_sft_case, 2), (_rollout_case, 1), (_rollout_case, 2), (_rollout_case, 1, "fp8")]
     for case, *args in cases:  # one pair of processes, a layout per case
         case(*args)
@@ -234,7 +245,8 @@ def _pp2_worker(rank, world):
 
 def test_pp2_equals_pp1_for_updates_sft_and_rollouts():
     """1F1B, interleaved (2 virtual stages) and tied embeddings + a KL reference pass: loss, gradients and weights
-    after two updates equal PP = 1's; the SFT warm-up (interleaved) too; greedy and seeded-sampling rollouts of the
+    after two updates equal PP = 1's, and so do the hidden rows with EAGLE-3 features the updates return for the
+    drafter (features of layers on every stage, from the update's forward and from the forward-only pass); the SFT warm-up (interleaved) too; greedy and seeded-sampling rollouts of the
     resharded copy (rollout TP 1 and 2) give PP = 1's tokens."""
     run_distributed(_pp2_worker, world_size=2, timeout_s=300)
 
@@ -256,9 +268,9 @@ def _train_worker(rank, world, run_dir):
             "parallel.pipeline_parallel_size=2", "run.steps=2", *extra,
         ])
 
-    # TLT at PP = 2: rollouts in the rollout layout (rollout DP = 2), the drafter trained on the rank done first
-    # (the eagle head: eagle3's target features come from the update's forward, which trains at PP = 1 only)
-    tlt = train(cfg("tlt", "rollout.spec=chain", "drafter.arch=eagle"))
+    # TLT at PP = 2: rollouts in the rollout layout (rollout DP = 2), the EAGLE-3 drafter (the default) trained on
+    # the rank done first from the update's hidden rows, whose target features come from layers on both stages
+    tlt = train(cfg("tlt", "rollout.spec=chain"))
     if rank == 0:
         rows = [json.loads(line) for line in (tlt / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [0, 1]

@@ -185,3 +185,17 @@ def test_the_readme_layouts_fit_80gb(recipe, overrides, world):
     ps = init_parallel()
     plan = memory_plan(load_config(recipe, ["run.model_path=null", "data.path=null", *overrides]), world, ps.tp_group)
     assert all(max(r.training_bytes, r.rollout_bytes) <= 80 * 2**30 for r in plan.ranks)
+
+
+def test_pipelined_eagle3_features_widen_the_activations_between_stages():
+    """At PP > 1 an online EAGLE-3 drafter's three feature slots travel with the activations (trainer.schedule): every
+    rank holds e * 3H more per token of each micro-batch in flight (received on the last stage, sent on the first)."""
+    ps = init_parallel()
+    base = ["parallel.pipeline_parallel_size=2", "rollout.spec=chain", "model.num_layers=4"]
+    eagle, eagle3 = (memory_plan(load_config("examples/configs/tiny.yaml", [*base, f"drafter.arch={arch}"]), 2, ps.tp_group)
+                     for arch in ("eagle", "eagle3"))
+    e, H, T = 4, 64, 1024  # fp32, tiny.yaml's hidden size and micro-batch tokens
+    for a, b in zip(eagle.ranks, eagle3.ranks):
+        assert b.activations - a.activations == T * b.in_flight * e * 3 * H
+    assert memory_plan(load_config("examples/configs/tiny.yaml", [*base, "drafter.online=false"]), 2, ps.tp_group).ranks[0].activations \
+        == eagle.ranks[0].activations  # a frozen drafter takes no features from the update

@@ -464,10 +464,6 @@ class Config:
 
     def __post_init__(self):
         d = self.drafter
-        if d.arch == "eagle3" and d.online and self.rollout.spec != "off" and self.parallel.pipeline_parallel_size > 1:
-            raise ValueError("drafter.arch=eagle3 trains online at parallel.pipeline_parallel_size=1 only (its target features "
-                             "come from the update's forward, whose layers PP splits over stages): use drafter.arch=eagle, "
-                             "drafter.online=false or pipeline_parallel_size=1")
         # The layout's fit to the model, at load (the world size is checked when the process groups start). With
         # run.model_path the model's sizes come from the checkpoint: the stages and TP layers check them when built.
         if self.run.model_path is not None:

@@ -250,11 +250,10 @@ class Policy(nn.Module):
         """This stage's layers: [B, S, H] the final normed hidden states (the LM head's input) on the last
         stage, the residual stream for the next stage otherwise.
 
-        With `feature_layers` (the whole model, no pipeline stages): (hidden [B, S, H], features [B, S, 3H]),
-        the residual stream after each of those layers (detached: it feeds the drafter, never a gradient),
-        concatenated in the order given: the target features of an EAGLE-3 drafter at no extra forward."""
-        if feature_layers is not None and not (self.pre_process and self.post_process):
-            raise ValueError("feature_layers need the whole model on one rank (no pipeline stages)")
+        With `feature_layers`: (hidden [B, S, H], features [B, S, 3H]), the residual stream after each of those
+        layers (detached: it feeds the drafter, never a gradient), concatenated in the order given: the target
+        features of an EAGLE-3 drafter at no extra forward. A pipeline stage fills the slots of its own layers and
+        leaves the others zero (`trainer.schedule` adds the stages' slots up as the activations pass down)."""
         x = self.embed(tokens) if self.pre_process else hidden
         B, S = x.shape[:2]
         if position_ids is None:
@@ -283,7 +282,8 @@ class Policy(nn.Module):
         out = self.norm(x) if self.post_process else x
         if feature_layers is None:
             return out
-        return out, torch.cat([captured[i] for i in feature_layers], dim=-1)  # [B, S, 3H]
+        slots = [captured[i] if i in captured else torch.zeros_like(x) for i in feature_layers]
+        return out, torch.cat(slots, dim=-1)  # [B, S, 3H]
 
     def _shard_sequence(self, x, position_ids, cu_seqlens, max_seqlen):
         """Sequence parallelism's entry: the packed row x [1, T, H] padded to a multiple of tp with one extra

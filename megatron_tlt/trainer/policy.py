@@ -161,7 +161,7 @@ class PolicyTrainer:
         Returns (metrics, hidden) where hidden maps an index into `samples` to the final hidden states
         [R + 1, H] over the sample's `response_window` (only with collect_hidden), from the sample's first
         forward (the pre-update weights): with the tokens of that window they make a drafter example. With
-        `feature_layers` (an EAGLE-3 drafter's, PP = 1) each is [R + 1, 4H]: the final hidden states, then the
+        `feature_layers` (an EAGLE-3 drafter's; any PP) each is [R + 1, 4H]: the final hidden states, then the
         outputs of those layers in the same forward (`drafter.data.from_trainer_output` splits them).
         """
         features_of = feature_layers if collect_hidden else None
@@ -202,7 +202,9 @@ class PolicyTrainer:
 
         # the old logprobs from a forward-only pass when the batch takes several updates, or when MIS changes the loss
         # masks (the normalisers count them before the update); else from the update's own forward (equal in value)
-        if self.updates_per_step > 1 or algo.rollout_correction == "mis":
+        # (decided alike on every pipeline stage: the features widen the activations between stages)
+        forward_only = self.updates_per_step > 1 or algo.rollout_correction == "mis"
+        if forward_only:
             self._forward_only(model, packs, lambda k, h, *f: first_forward(
                 k, h, token_logprobs(chunk, h, packs[k].targets, self.temperature)[0], *f), feature_layers=features_of)
         # the loss normalisers of each mini-batch, over DP (the corrected masks, where known: the last stage uses them)
@@ -241,7 +243,7 @@ class PolicyTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
                     run_micro_batches(model, [packs[k] for k in ks], functools.partial(head, ks, norm, sums), self.ps,
-                                      backward=True, feature_layers=features_of if any(k not in old for k in ks) else None)
+                                      backward=True, feature_layers=None if forward_only else features_of)
                 updates.append(self._apply_update(sums))
         diag, diag_max = sum_over(self.ps.dp_group, diag, dev), max_over(self.ps.dp_group, diag_max, dev)
         if self.ps.pp_size > 1:  # computed on the last stage only

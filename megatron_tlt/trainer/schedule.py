@@ -6,8 +6,8 @@ runs every packed micro-batch (`data.packing.PackedBatch`) through the model and
 the rank that holds the last stage with pack k's final normed hidden states [T_k, H]; with `backward`,
 `head` returns pack k's loss and gradients accumulate in the parameters' `.grad` (summed over the
 micro-batches, unscaled: the loss is normalised by the caller, `rl.algorithms.policy_loss`). With
-`feature_layers` (PP = 1: an EAGLE-3 drafter's target features) `head(k, hidden, features)` also gets those
-layers' outputs [T_k, 3H] from the same forward (`Policy.hidden_states`).
+`feature_layers` (an EAGLE-3 drafter's target features) `head(k, hidden, features)` also gets those
+layers' outputs [T_k, 3H] (detached) from the same forward (`Policy.hidden_states`).
 
 - PP = 1: a plain loop, forward then backward per micro-batch.
 - PP > 1: torch.distributed.pipelining's `Schedule1F1B` (vpp = 1) or `ScheduleInterleaved1F1B` (vpp > 1)
@@ -15,7 +15,9 @@ layers' outputs [T_k, 3H] from the same forward (`Policy.hidden_states`).
   `eval()`. Activations between stages have one static shape per call: every pack is padded at its end to
   the longest pack's token count (the padding is one extra example of its own, so attention never crosses
   into it, and `head` sees only the real tokens); the number of micro-batches is padded to a multiple of
-  the pipeline size with all-padding micro-batches whose loss is 0. The stages are built with these static
+  the pipeline size with all-padding micro-batches whose loss is 0. With `feature_layers` the activations
+  are [1, T, H + 3H]: the residual stream, then the three feature slots, each filled by the stage that holds
+  its layer (zero before it), so the last stage hands `head` the features of layers on every stage. The stages are built with these static
 shapes, so the schedule runs no metadata-inference pass. Each stage reads its micro-batch's
   position ids and cu_seqlens by index (the `mb` keyword reaches every stage), never from the activations.
 """
@@ -59,18 +61,25 @@ def _pad(pb, length: int) -> _Padded:
 
 
 class _Chunk(nn.Module):
-    """One model chunk as a pipelining stage module: forward(tokens or hidden [1, T(, H)], mb [1]) -> [1, T, H]."""
+    """One model chunk as a pipelining stage module: forward(tokens or hidden [1, T(, W)], mb [1]) -> [1, T, W], W = H,
+    or H + 3H with feature slots (the slots of this chunk's feature layers filled in, the others passed on)."""
 
-    def __init__(self, chunk: nn.Module, padded: list[_Padded]):
+    def __init__(self, chunk: nn.Module, padded: list[_Padded], feature_layers: Optional[Sequence[int]]):
         super().__init__()
-        self.chunk, self.padded = chunk, padded
+        self.chunk, self.padded, self.feature_layers = chunk, padded, feature_layers
 
     def forward(self, x: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
         p = self.padded[int(mb)]
         dev = x.device
         first = self.chunk.pre_process
-        return self.chunk.hidden_states(x if first else None, hidden=None if first else x, position_ids=p.position_ids[None].to(dev),
-                                        cu_seqlens=p.cu_seqlens.to(dev), max_seqlen=p.max_seqlen)
+        H = self.chunk.cfg.hidden_size
+        hidden = None if first else x if self.feature_layers is None else x[..., :H]
+        out = self.chunk.hidden_states(x if first else None, hidden=hidden, position_ids=p.position_ids[None].to(dev),
+                                       cu_seqlens=p.cu_seqlens.to(dev), max_seqlen=p.max_seqlen, feature_layers=self.feature_layers)
+        if self.feature_layers is None:
+            return out
+        out, own = out
+        return torch.cat([out, own.to(out.dtype) if first else x[..., H:] + own.to(out.dtype)], dim=-1)
 
 
 def head_chunk(model: nn.Module) -> nn.Module:
@@ -92,12 +101,10 @@ def run_micro_batches(
             if backward:
                 out.backward()
         return
-    if feature_layers is not None:
-        raise ValueError("feature_layers (the EAGLE-3 drafter's target features) are collected at PP = 1 only")
-    _pipelined(model, packs, head, ps, backward)
+    _pipelined(model, packs, head, ps, backward, feature_layers)
 
 
-def _pipelined(stage, packs: list, head: Head, ps: ParallelState, backward: bool) -> None:
+def _pipelined(stage, packs: list, head: Head, ps: ParallelState, backward: bool, feature_layers: Optional[Sequence[int]]) -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
     length = max((len(pb.tokens) for pb in packs), default=_EMPTY_TOKENS)
@@ -108,13 +115,18 @@ def _pipelined(stage, packs: list, head: Head, ps: ParallelState, backward: bool
         k = int(target)
         if k >= len(packs):
             return output.sum() * 0.0
-        return head(k, output[0, : padded[k].num_real])
+        out = output[0, : padded[k].num_real]
+        if feature_layers is None:
+            return head(k, out)
+        return head(k, out[:, :H], out[:, H:].detach())
 
     # static shapes (no metadata inference, which would run a forward and `head` on a made-up micro-batch)
     dtype = next(stage.parameters()).dtype
-    hidden = torch.empty(1, length, stage.cfg.hidden_size, dtype=dtype, device="meta", requires_grad=backward)
+    H = stage.cfg.hidden_size
+    width = H * (1 if feature_layers is None else 1 + len(feature_layers))
+    hidden = torch.empty(1, length, width, dtype=dtype, device="meta", requires_grad=backward)
     tokens = torch.empty(1, length, dtype=torch.long, device="meta")
-    stages = [PipelineStage(_Chunk(c, padded), sid, stage.num_stages, ps.device, group=ps.pp_group,
+    stages = [PipelineStage(_Chunk(c, padded, feature_layers), sid, stage.num_stages, ps.device, group=ps.pp_group,
                             input_args=tokens if c.pre_process else hidden, output_args=hidden)
               for c, sid in zip(stage.chunks, stage.stage_ids)]
     if len(stages) == 1:
