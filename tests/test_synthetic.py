@@ -48,3 +48,23 @@ def test_countdown_solution_lengths_are_long_tailed():
 def test_unknown_task_lists_known_names():
     with pytest.raises(UserError, match="arithmetic, countdown"):
         get_task("sudoku")
+
+
+def test_countdown_lengths_follow_the_prompt_with_attempts_per_number():
+    """Default: the attempt count is drawn per solution (same numbers count, very different lengths); with
+    attempts_per_number it follows from the prompt's number count (the scheduler's predictable workload)."""
+    def attempts(ex):
+        return sum("(not " in line for line in ex.solution.splitlines())
+
+    for a in (0, 6):
+        by_k: dict[int, list[int]] = {}
+        for ex in countdown_task(2000, seed=0, attempts_per_number=a):
+            by_k.setdefault(len(ex.meta["numbers"]), []).append(attempts(ex))
+        assert sorted(by_k) == [3, 4, 5, 6]
+        if a:
+            for k, counts in by_k.items():  # a per number beyond 3, plus 0 .. a // 2 (failed subsets can be empty)
+                assert max(counts) <= a * (k - 3) + a // 2 and sum(counts) / len(counts) >= a * (k - 3) * 0.8, (k, counts[:20])
+        else:
+            assert max(by_k[3]) >= 10 and sum(c == 0 for c in by_k[3]) > len(by_k[3]) / 3  # heavy-tailed at any k
+    lengths = sorted(len(ex.solution) for ex in countdown_task(1000, seed=0, attempts_per_number=6))
+    assert lengths[int(0.9 * len(lengths))] / lengths[len(lengths) // 2] > 2.0  # still long-tailed, over prompts

@@ -7,6 +7,10 @@ is drawn from a skewed distribution).
 `countdown_task(n, seed)` gives a few numbers and a target reachable with + - * /; the worked
 solution first shows a heavy-tailed number of failed attempts (as a search would), then the
 derivation that works, so solution lengths have a real long tail (p90 is several times p50).
+By default the attempt count is drawn per solution, so a prompt says nothing about its length;
+with `attempts_per_number=a` it follows from the prompt (a per number beyond `min_numbers`, plus
+0 .. a // 2 at random): prompts with more numbers are harder and take longer, as in reasoning RL,
+where a prompt's earlier response lengths predict its next ones (the long-tail scheduler's premise).
 
 Every worked solution ends with the final answer after the `#` marker ("... #9", "#(25+3)*7"),
 which `megatron_tlt.rl.verifiers.extract_answer` reads. Rewards: "math" for arithmetic (checks
@@ -100,12 +104,14 @@ def countdown_task(
     max_value: int = 25,
     max_result: int = 1000,
     max_attempts: int = 24,
+    attempts_per_number: int = 0,
 ) -> list[TaskExample]:
     """Countdown problems: reach `target` from `numbers` with + - * / using each number at most once.
 
     The target is built from all numbers, so a solution always exists; intermediate results stay
     positive integers <= max_result. The count of failed attempts shown before the working
-    derivation is Pareto-distributed (most solutions show none, a few show many).
+    derivation is Pareto-distributed (most solutions show none, a few show many); with
+    `attempts_per_number` > 0 it is that many per number beyond `min_numbers`, plus 0 .. a // 2.
     """
     rng = random.Random(seed)
     out = []
@@ -113,7 +119,11 @@ def countdown_task(
         k = min(max_numbers, min_numbers + int(rng.expovariate(1.0)))
         numbers = [rng.randint(1, max_value) for _ in range(k)]
         target, expression, steps = _derivation(rng, numbers, max_result)
-        num_attempts = min(max_attempts, int(rng.paretovariate(1.0)) - 1)
+        if attempts_per_number > 0:
+            extra = attempts_per_number * (k - min_numbers) + rng.randint(0, attempts_per_number // 2)
+        else:
+            extra = int(rng.paretovariate(1.0)) - 1
+        num_attempts = min(max_attempts, extra)
         attempts = [line for _ in range(num_attempts) for line in _failed_attempt(rng, numbers, target, max_result)]
         out.append(
             TaskExample(

@@ -52,6 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trained policy and drafter (cached under --cache-dir)")
     g.add_argument("--cache-dir", default="/tmp/megatron_tlt_bench", help="where the trained policy and drafter are kept")
     g.add_argument("--task", default="countdown", help="built-in synthetic task (countdown: long-tailed worked solutions)")
+    g.add_argument("--task-args", type=json.loads, default={}, metavar="JSON",
+                   help='keyword arguments of the task generator (data.task_args), e.g. \'{"attempts_per_number": 4}\': '
+                        "countdown whose solution lengths follow from the prompt")
     g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--layers", type=int, default=16)
     g.add_argument("--heads", type=int, default=4)
@@ -98,7 +101,7 @@ def bench_config(args) -> Config:
     )
     return Config(
         model=model,
-        data=DataConfig(task=args.task, num_examples=4096, eval_examples=args.num_held_out, max_prompt_tokens=128),
+        data=DataConfig(task=args.task, task_args=args.task_args, num_examples=4096, eval_examples=args.num_held_out, max_prompt_tokens=128),
         rollout=RolloutConfig(temperature=1.0, max_new_tokens=args.sample_max_new_tokens, kv_cache_gb=0.5),
         drafter=DrafterConfig(lr=args.drafter_lr, warmup_steps=args.drafter_steps, warmup_prompts=args.drafter_prompts),
         optim=OptimConfig(micro_batch_tokens=4096),

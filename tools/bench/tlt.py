@@ -58,6 +58,7 @@ dominated by per-step overhead rather than by matmuls.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -94,7 +95,7 @@ def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
         f"run.model_path={models_dir / POLICY_DIR}", f"drafter.path={models_dir / HEADS[HEAD_OF.get(mode, 'eagle')]}",
         f"drafter.arch={HEAD_OF.get(mode, 'eagle')}", f"rollout.temperature={a.temperature}",
         "run.sft_steps=0", "drafter.warmup_steps=0",
-        f"data.task={a.task}", f"data.num_examples={a.prompt_pool or data.num_examples}", "data.eval_examples=4",
+        f"data.task={a.task}", f"data.task_args={json.dumps(a.task_args)}", f"data.num_examples={a.prompt_pool or data.num_examples}", "data.eval_examples=4",
         f"data.max_prompt_tokens={data.max_prompt_tokens}", f"reward.fns=[{{name: {verifier}}}, {{name: format, weight: 0.5}}]", "reward.num_workers=0",
         f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
