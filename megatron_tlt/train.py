@@ -108,7 +108,7 @@ def train(cfg: Config) -> Path:
                     prompts = {g: train_ds[i] for g, i in mine.items()}
                     # coordinator.steal: idle replicas run queued requests of the others, results come back here
                     shared = scheduler.shared_queue(
-                        str(rid), {tally.drawn + k: train_ds[i].prompt_ids for k, i in enumerate(draw)}, engine.max_seq_len)
+                        str(rid), {tally.drawn + k: train_ds[i].prompt_ids for k, i in enumerate(draw)}, engine.fits)
                     params = sampling_params(cfg.rollout, tokenizer, rid.seed(cfg.run.seed))
                     with timeline.span("rollout"):
                         new = tally.timed("rollout_time_s", rollout, engine, prompts, params, trainer.version, shared)

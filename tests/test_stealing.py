@@ -46,7 +46,7 @@ class CountingStore:
 def _queue(rank, plan, store, n=2, timeout_s=30.0, max_seq_len=100):
     prompts = {g: [1] * (3 + g) for gids in plan.values() for g in gids}
     ps = SimpleNamespace(dp_rank=rank, dp_size=len(plan), tp_rank=0, tp_size=1)
-    return StealingQueue("7.0", plan, prompts, n, max_seq_len, ps, store=store, timeout_s=timeout_s)
+    return StealingQueue("7.0", plan, prompts, n, lambda p: len(p) < max_seq_len, ps, store=store, timeout_s=timeout_s)
 
 
 def test_owner_claims_a_prefix_thieves_a_suffix_and_results_come_back():
@@ -72,9 +72,9 @@ def _tp_replica_worker(rank: int, world_size: int) -> None:
     store = CountingStore(dist.distributed_c10d._get_default_store())
     plan, prompts = {0: [5, 6], 1: []}, {5: [1, 2, 3], 6: [4, 5]}
     ps = SimpleNamespace(dp_rank=0, dp_size=2, tp_rank=rank, tp_size=2, tp_group=dist.group.WORLD)
-    owner = StealingQueue("3.1", plan, prompts, 2, 16, ps, store=store)
+    owner = StealingQueue("3.1", plan, prompts, 2, lambda p: True, ps, store=store)
     if rank == 0:
-        thief = StealingQueue("3.1", plan, prompts, 2, 16, SimpleNamespace(dp_rank=1, dp_size=2, tp_rank=0, tp_size=1), store=store)
+        thief = StealingQueue("3.1", plan, prompts, 2, lambda p: True, SimpleNamespace(dp_rank=1, dp_size=2, tp_rank=0, tp_size=1), store=store)
         assert thief.steal(1) == [((6, 1), [4, 5])]
     dist.barrier()
     assert owner.claim([(5, 0), (5, 1), (6, 0), (6, 1)]) == [True, True, True, False]  # on both TP ranks
@@ -116,7 +116,7 @@ def _generate_pair(model, prompts, params, plan, store, owner_first=None):
     """Replica 0 generates `prompts` (group ids 0..P-1) with 1 slot, replica 1 has none of its own and 2 slots; both
     with a StealingQueue over `store`. owner_first: True/False run one after the other, None concurrently."""
     engines = [make_engine(model, 1, 40), make_engine(model, 2, 40)]
-    queues = [StealingQueue("0.0", plan, dict(enumerate(prompts)), params.n, 40,
+    queues = [StealingQueue("0.0", plan, dict(enumerate(prompts)), params.n, engines[0].fits,
                             SimpleNamespace(dp_rank=r, dp_size=2, tp_rank=0, tp_size=1), store=store) for r in (0, 1)]
     out = [None, None]
 

@@ -10,7 +10,7 @@ replicas' queued requests (coordinator/stealing.py).
 
     rid = RolloutId(step, round)                                  # round: dynamic-sampling refill round
     mine = scheduler.assign(dataset_indices, first_group)         # {group id: dataset index} of this rank
-    shared = scheduler.shared_queue(str(rid), prompts_of_the_draw, engine.max_seq_len)   # None unless steal
+    shared = scheduler.shared_queue(str(rid), prompts_of_the_draw, engine.fits)   # None unless steal
     params = sampling_params(..., seed=rid.seed(cfg.run.seed))
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class RolloutScheduler:
         scheduler = RolloutScheduler(cfg.coordinator, ps.rollout, slots=engine.num_slots, n=cfg.rollout.n,
                                      default_length=cfg.rollout.max_new_tokens / 2)
         mine = scheduler.assign(dataset_indices, first_group)   # {group id: dataset index}, in admission order
-        shared = scheduler.shared_queue(rid, prompts, engine.max_seq_len)   # engine.generate(..., shared=shared)
+        shared = scheduler.shared_queue(rid, prompts, engine.fits)   # engine.generate(..., shared=shared)
         metrics = scheduler.observe(samples, mine, engine.stats)   # after the rollout (a collective)
     """
 
@@ -74,12 +74,12 @@ class RolloutScheduler:
             self._plan = {r: admission_order({g: self._predicted[g] for g in part}) for r, part in self._plan.items()}
         return {g: dataset_indices[g - first_group] for g in self._plan[self.ps.dp_rank]}
 
-    def shared_queue(self, rid: str, prompts: dict[int, list[int]], max_seq_len: int):
-        """The work-stealing queue of the last `assign`'s rollout (`prompts`: every drawn group's prompt ids), or
-        None when `coordinator.steal` is off or there is one replica."""
+    def shared_queue(self, rid: str, prompts: dict[int, list[int]], fits):
+        """The work-stealing queue of the last `assign`'s rollout (`prompts`: every drawn group's prompt ids; `fits`:
+        the engine's, which prompts it can run), or None when `coordinator.steal` is off or there is one replica."""
         if not self.cfg.steal or self.ps.dp_size == 1:
             return None
-        return StealingQueue(rid, self._plan, prompts, self.n, max_seq_len, self.ps, timeout_s=self.cfg.steal_timeout_s)
+        return StealingQueue(rid, self._plan, prompts, self.n, fits, self.ps, timeout_s=self.cfg.steal_timeout_s)
 
     def observe(self, samples, mine: dict[int, int], engine_stats) -> dict[str, float]:
         """After the rollout of `assign`'s draw: every group's response lengths to every DP rank (one all_gather of

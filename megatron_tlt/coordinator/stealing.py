@@ -4,7 +4,7 @@ queued, not yet admitted requests, and sends the results back to the replica the
 What: `StealingQueue` is the `rollout.types.SharedQueue` one rollout-DP replica's engine uses for one rollout
 (`RolloutScheduler.shared_queue` builds it when `coordinator.steal` is on):
 
-    shared = scheduler.shared_queue(str(rid), {group id: prompt ids of the whole draw}, engine.max_seq_len)
+    shared = scheduler.shared_queue(str(rid), {group id: prompt ids of the whole draw}, engine.fits)
     completions = engine.generate(prompts, params, seed_ids=groups, shared=shared)   # rollout/engine.py
 
 Why: the assignment is made from predictions, and a prompt's response lengths vary a lot from sample to sample;
@@ -15,7 +15,7 @@ positions (rollout/sampling.py), so the rollout is the same, token for token, wi
 How (the torch.distributed key-value store, not collectives: replicas are out of step here):
 - Every replica knows every replica's queue without asking: the scheduler's assignment is computed identically
   on every rank, so `plan` = {DP rank: its group ids in admission order} and replica r's queue is
-  [(g, j) for g in plan[r] for j in range(n)] (prompts too long for the engine's context are never queued).
+  [(g, j) for g in plan[r] for j in range(n)] (prompts the engine does not `fits` are never queued).
 - A request (g, j) has one claim key `steal/{rid}/{g}/{j}`; `compare_set(key, "", rank)` is atomic in the store,
   so exactly one claimant wins and the key then names it. The owner claims the head of its queue as it admits;
   thieves claim from the tail, each keeping a cursor per victim. The owner's claims therefore form a prefix of its
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import pickle
 from datetime import timedelta
+from typing import Callable
 
 import torch.distributed as dist
 
@@ -46,13 +47,13 @@ class StealingQueue:
     """One rollout's shared queue on one replica (see the module docstring). `plan`: {DP rank: group ids in
     admission order}, identical on every rank; `prompts`: {group id: prompt ids} of every group in `plan`."""
 
-    def __init__(self, rid: str, plan: dict[int, list[int]], prompts: dict[int, list[int]], n: int, max_seq_len: int,
+    def __init__(self, rid: str, plan: dict[int, list[int]], prompts: dict[int, list[int]], n: int, fits: Callable[[list[int]], bool],
                  ps: ParallelState, store=None, timeout_s: float = 3600.0):
         self.rid, self.ps, self.prompts, self.timeout_s = rid, ps, prompts, timeout_s
         self.store = store if store is not None else dist.distributed_c10d._get_default_store()
         self.me = str(ps.dp_rank)
         self._queues = {
-            r: [(g, j) for g in gids if len(prompts[g]) < max_seq_len for j in range(n)]
+            r: [(g, j) for g in gids if fits(prompts[g]) for j in range(n)]
             for r, gids in plan.items() if r != ps.dp_rank
         }
         self._cursor = {r: len(q) - 1 for r, q in self._queues.items()}  # the next tail index to try, per victim

@@ -269,6 +269,10 @@ class RolloutEngine:
         with self.model_calls.target_weights():  # FP8 weights attached for the whole call (precision="fp8")
             return self._generate(prompts, params, seed_ids, shared)
 
+    def fits(self, prompt) -> bool:
+        """Whether `prompt` leaves room in this engine's context for a response token (else: "prompt_too_long")."""
+        return len(prompt) < self.max_seq_len
+
     def _request(self, prompt_index: int, sample_index: int, prompt: list[int], seed_id: int, params: SamplingParams) -> Request:
         room = self.max_seq_len - len(prompt)
         return Request(prompt_index, sample_index, prompt, min(params.max_new_tokens, room),
@@ -283,7 +287,7 @@ class RolloutEngine:
         pending: deque[Request] = deque()
         for i, prompt in enumerate(prompts):
             for j in range(params.n):
-                if len(prompt) >= self.max_seq_len:
+                if not self.fits(prompt):
                     results[i][j] = Completion([], [], "prompt_too_long", stats={"prompt_tokens": len(prompt)})
                 else:
                     pending.append(self._request(i, j, prompt, seed_ids[i], params))
@@ -345,7 +349,7 @@ class RolloutEngine:
             return
         prompt_of: dict[int, int] = {}  # seed id -> its prompt index in this call (after the caller's prompts)
         for (seed_id, sample), prompt in shared.steal(num_free):
-            if len(prompt) >= self.max_seq_len:
+            if not self.fits(prompt):
                 raise RuntimeError(f"stolen request {(seed_id, sample)}: its prompt of {len(prompt)} tokens does not fit this "
                                    f"engine's context ({self.max_seq_len}); every replica must run the same engine settings")
             index = prompt_of.setdefault(seed_id, num_prompts + len(prompt_of))
