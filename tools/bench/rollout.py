@@ -26,6 +26,7 @@ B = --sampled-batch, every SD mode twice: with coupled drafts (the engine's defa
 child is the drafter's sample under the target's position noise) and with the drafter's top-k tokens
 ("/topk"). Speculative decoding is exact-sample, so every mode must emit plain decoding's tokens: each
 section prints how many sequences are identical to plain decoding's (the last round's, token for token).
+The batch sweep and the sampled rows draft with --head (default eagle3, the library's default drafter).
 Drafter heads: the EAGLE (drafter.arch=eagle) and EAGLE-3 (drafter.arch=eagle3) drafters, trained offline at
 the same budget on the same samples (tools/bench/common.py), each drafting chains of --chain-depth and trees
 at B = --heads-batch, greedy and at temperature 1: accepted length and tokens/s vs plain per head, and the
@@ -287,6 +288,8 @@ def main() -> None:
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="bytes/s of the GPU's HBM (H100 SXM: 3.35e12)")
     p.add_argument("--heads-batch", type=int, default=1, help="live batch of the drafter heads' comparison")
     p.add_argument("--heads-only", action="store_true", help="only the drafter heads' comparison")
+    p.add_argument("--head", choices=("eagle3", "eagle"), default="eagle3",
+                   help="the drafter of the batch sweep and the sampled rows (drafter.arch; eagle3 is the default)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --quick-models, --heads-only, --iters 1, --max-new-tokens 48, --min-prompts 4")
     args = p.parse_args()
@@ -301,8 +304,9 @@ def main() -> None:
     for line in models.report:
         print(line)
     print(f"policy: hidden {cfg.hidden_size} x {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-          f"{sum(p.numel() for p in models.policy.parameters()) / 1e6:.1f}M parameters; drafter: 1 layer, "
-          f"{sum(p.numel() for p in models.drafter.parameters()) / 1e6:.1f}M parameters (+ the policy's embedding and LM head); "
+          f"{sum(p.numel() for p in models.policy.parameters()) / 1e6:.1f}M parameters; drafters (1 layer each): eagle "
+          f"{sum(p.numel() for p in models.drafter.parameters()) / 1e6:.1f}M, eagle3 "
+          f"{sum(p.numel() for p in models.eagle3.parameters()) / 1e6:.1f}M parameters (+ the policy's embedding and LM head); "
           f"{args.dtype} on {ps.device.type} ({torch.get_num_threads()} threads); setup {time.perf_counter() - start:.0f} s")
 
     held_out = [models.held_out[i].prompt_ids for i in range(len(models.held_out))]
@@ -321,6 +325,9 @@ def main() -> None:
         print(f"total {time.perf_counter() - start:.0f} s")
         destroy_parallel()
         return
+    if args.head == "eagle3":
+        models = dataclasses.replace(models, drafter=models.eagle3)
+    print(f"batch sweep and sampled rows: the {args.head} drafter")
     results_by_batch = {}
     for batch in args.batch_sizes:
         t0 = time.perf_counter()
