@@ -66,6 +66,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drafter-prompts", type=int, default=256, help="training prompts the policy answers for the drafter")
     g.add_argument("--drafter-steps", type=int, default=300)
     g.add_argument("--drafter-lr", type=float, default=1e-3)
+    g.add_argument("--ttt-steps", type=int, default=DrafterConfig.ttt_steps, help="the EAGLE-3 head's training-time test steps (drafter.ttt_steps)")
     g.add_argument("--sample-max-new-tokens", type=int, default=256, help="response limit of the drafter's training samples")
     g.add_argument("--num-held-out", type=int, default=256, help="held-out prompts to benchmark on")
     g.add_argument("--seed", type=int, default=0)
@@ -103,7 +104,8 @@ def bench_config(args) -> Config:
         model=model,
         data=DataConfig(task=args.task, task_args=args.task_args, num_examples=4096, eval_examples=args.num_held_out, max_prompt_tokens=128),
         rollout=RolloutConfig(temperature=1.0, max_new_tokens=args.sample_max_new_tokens, kv_cache_gb=0.5),
-        drafter=DrafterConfig(lr=args.drafter_lr, warmup_steps=args.drafter_steps, warmup_prompts=args.drafter_prompts),
+        drafter=DrafterConfig(lr=args.drafter_lr, warmup_steps=args.drafter_steps, warmup_prompts=args.drafter_prompts,
+                              ttt_steps=args.ttt_steps),
         optim=OptimConfig(micro_batch_tokens=4096),
         run=RunConfig(seed=args.seed, sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_batch=args.sft_batch),
     )

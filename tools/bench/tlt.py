@@ -99,7 +99,7 @@ def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
         f"data.max_prompt_tokens={data.max_prompt_tokens}", f"reward.fns=[{{name: {verifier}}}, {{name: format, weight: 0.5}}]", "reward.num_workers=0",
         f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
-        f"optim.lr={a.lr}", f"drafter.lr={a.drafter_lr_online}", f"drafter.micro_batch_tokens={a.drafter_tokens}",
+        f"optim.lr={a.lr}", f"drafter.lr={a.drafter_lr_online}", f"drafter.micro_batch_tokens={a.drafter_tokens}", f"drafter.ttt_steps={a.ttt_steps}",
         "run.save_rollouts=true", *([f"rollout.max_batch={a.max_batch}"] if a.max_batch else []), *MODES[mode][1],
     ]
 
