@@ -43,6 +43,9 @@ under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_ti
     python tools/bench/tlt.py --modes nosd,steal,sched,tlt,tlt_sched --prompt-pool 16 --lr 1e-12 --prompts 8 --max-batch 4
                                          # the scheduler (see below), ~43 min: 32 requests per rank queue for 4 KV slots,
                                          # so placement, admission order and stealing matter
+    python tools/bench/tlt.py --task-args '{"attempts_per_number": 6}' --modes nosd,sched,tlt,tlt_sched --prompt-pool 16 \
+        --lr 1e-12 --prompts 8 --max-batch 4   # the same on countdown whose lengths follow from the prompt (its own
+                                               # cached models, ~19 min to train, then ~45 min)
 
 The scheduler places samples on other ranks, so the update packs and sums them in another order: the weights
 then differ in their last bits and sampled rollouts drift apart after a few steps (the identical-rollouts line
