@@ -31,8 +31,8 @@ What a rank holds, per pipeline rank (each is a distinct kind of rank: TP and DP
   the token ids on the first stage (8), the final norm, the logprob head (int64 targets, fp32
   logsumexp / entropy terms, ~8 fp32 loss terms) on the last stage and the received hidden input (e H)
   on the others; at PP > 1 with an online EAGLE-3 drafter the stages pass its three feature slots along
-  (e 3H more received, and sent by every chunk but the last). A pipeline rank holds `in_flight` micro-batches of its chunks at once: pp - rank with
-  1F1B, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1 chunk micro-batches with interleaving. Backward adds
+  (e 3H more received, and sent by every chunk but the last). A pipeline rank holds `in_flight` micro-batches
+  of its chunks at once: pp - rank with 1F1B, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1 chunk micro-batches with interleaving. Backward adds
   the largest transient: at the head, the fp32 weight-gradient accumulator [V/tp, H], four fp32 logit
   chunks [1024, V/tp] (two of a chunk and two of the previous one, still referenced; three when one chunk) and
   the hidden gradient; in a layer, the gradients of its input and output (its own gradients replace the
@@ -210,10 +210,10 @@ def _activations(cfg: Config, layers: list[tuple[int, int]], pp_rank: int, tp: i
             chunk += 8  # token ids (the embedding's backward)
         else:
             chunk += e * (H + features)  # the hidden input received from the previous stage
-        if not (last and c == len(layers) - 1):
-            chunk += e * features  # the feature slots of the output sent on (its hidden part is the next layer input)
         if last and c == len(layers) - 1:
             chunk += 4 * H + 2 * e * H + 4 + 8 + 8 + 8 * 4  # final norm + output, targets, lse, entropy, loss terms
+        else:
+            chunk += e * features  # the feature slots of the output sent on (its hidden part is the next layer input)
         per_chunk.append(chunk)
     # Chunk micro-batches in flight, shared evenly over the chunks (interleaving runs them round-robin).
     kept_bytes = T * in_flight * sum(per_chunk) // len(per_chunk)
