@@ -1,8 +1,12 @@
 """Every launch script parses (`bash -n`, always) and passes `shellcheck` (when it is installed); the multi-node
-ones build the torchrun command line they document (run against stand-ins for torchrun / srun / scontrol)."""
+ones build the torchrun command line they document (run against stand-ins for torchrun / srun / scontrol); the
+local launcher of the demo and the benchmarks takes its ranks down with it."""
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +75,54 @@ def test_slurm_script_rendezvous_on_the_first_host(tmp_path):
     assert _launch("slurm.sbatch", bin_dir, env, *ARGS) == [
         "srun", "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc-per-node", "gpu", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "nodeA:29500", "--rdzv-id", "42", "--no-python", "megatron-tlt", "train", *ARGS]
+
+
+_LAUNCHER = """
+import os, sys, time
+import torch.multiprocessing as mp
+from megatron_tlt.cli.demo import exit_with_parent
+
+def rank(i, parent, out):
+    exit_with_parent(parent)
+    open(os.path.join(out, str(i)), "w").write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    mp.start_processes(rank, args=(os.getpid(), sys.argv[1]), nprocs=2, join=True, start_method="spawn")
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited (nobody reaped it yet)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_local_ranks_exit_when_their_launcher_is_killed(tmp_path):
+    # `megatron-tlt demo` and the benchmarks start their ranks with cli.demo's launcher: a launcher killed with
+    # SIGKILL (no chance to clean up) must not leave its ranks computing on as orphans. It starts with SIGINT
+    # ignored, as a shell's background job (`nohup ... &`) does: torch's own parent-death signal is SIGINT.
+    script = tmp_path / "launch.py"
+    script.write_text(_LAUNCHER)
+    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pids = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = [int(p.read_text()) for p in tmp_path.iterdir() if p.name in ("0", "1") and p.read_text()]
+        assert len(pids) == 2, "the ranks did not start"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, pids)), f"ranks {[p for p in pids if _alive(p)]} outlived their launcher"
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
