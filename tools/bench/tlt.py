@@ -46,6 +46,9 @@ under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_ti
     python tools/bench/tlt.py --task-args '{"attempts_per_number": 6}' --modes nosd,sched,tlt,tlt_sched --prompt-pool 16 \
         --lr 1e-12 --prompts 8 --max-batch 4   # the same on countdown whose lengths follow from the prompt (its own
                                                # cached models, ~19 min to train, then ~45 min)
+    python tools/bench/tlt.py --task-args '{"attempts_per_number": 6}' --sft-steps 450 --modes nosd,sched,tlt_sched \
+        --prompt-pool 16 --lr 1e-12 --prompts 8 --max-batch 4 --steps 8   # the same with a policy trained 3x longer, whose
+                                               # lengths depend more on the prompt (~25 min to train, then ~22 min)
 
 The scheduler places samples on other ranks, so the update packs and sums them in another order: the weights
 then differ in their last bits and sampled rollouts drift apart after a few steps (the identical-rollouts line
