@@ -1,6 +1,6 @@
 """Every launch script parses (`bash -n`, always) and passes `shellcheck` (when it is installed); the multi-node
 ones build the torchrun command line they document (run against stand-ins for torchrun / srun / scontrol); the
-local launcher of the demo and the benchmarks takes its ranks down with it."""
+ranks started by hand (the demo's launcher, the benchmarks', the tests') die with their launcher."""
 import os
 import shutil
 import signal
@@ -80,15 +80,15 @@ def test_slurm_script_rendezvous_on_the_first_host(tmp_path):
 _LAUNCHER = """
 import os, sys, time
 import torch.multiprocessing as mp
-from megatron_tlt.cli.demo import exit_with_parent
+from megatron_tlt.parallel.state import set_local_rank_env
 
-def rank(i, parent, out):
-    exit_with_parent(parent)
+def rank(i, out):
+    set_local_rank_env(i, 2, 29500)
     open(os.path.join(out, str(i)), "w").write(str(os.getpid()))
     time.sleep(600)
 
 if __name__ == "__main__":
-    mp.start_processes(rank, args=(os.getpid(), sys.argv[1]), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(rank, args=(sys.argv[1],), nprocs=2, join=True, start_method="spawn")
 """
 
 
@@ -102,8 +102,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_local_ranks_exit_when_their_launcher_is_killed(tmp_path):
-    # `megatron-tlt demo` and the benchmarks start their ranks with cli.demo's launcher: a launcher killed with
-    # SIGKILL (no chance to clean up) must not leave its ranks computing on as orphans. It starts with SIGINT
+    # Every rank started by hand (`megatron-tlt demo`, the benchmarks, tests/dist_utils) calls set_local_rank_env:
+    # a launcher killed with SIGKILL (no chance to clean up) must not leave its ranks computing on as orphans. It starts with SIGINT
     # ignored, as a shell's background job (`nohup ... &`) does: torch's own parent-death signal is SIGINT.
     script = tmp_path / "launch.py"
     script.write_text(_LAUNCHER)

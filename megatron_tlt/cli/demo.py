@@ -14,11 +14,8 @@ and plots to the run directory it names at the end.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -45,24 +42,7 @@ DEMO_SETTINGS = (
 DEMO_RANKS = 2
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def exit_with_parent(parent: int) -> None:
-    """Make this process die with its launcher (pid `parent`): on Linux the kernel kills it (SIGKILL) when the
-    parent exits, however it exits, so a killed launcher never leaves ranks computing on as orphans; a parent
-    already gone by now is an immediate exit. Elsewhere a no-op. (torch's spawn asks for SIGINT instead, which a
-    launcher started in the background by a shell (`nohup ... &`) passes on ignored, so its ranks would live on.)"""
-    if not sys.platform.startswith("linux"):
-        return
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:
-        raise SystemExit(f"the launcher (pid {parent}) exited before this rank started")
-
-
-def _worker(rank: int, cfg: Config, world_size: int, port: int, parent: int) -> None:
-    exit_with_parent(parent)
+def _worker(rank: int, cfg: Config, world_size: int, port: int) -> None:
     set_local_rank_env(rank, world_size, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     setup_logging()
@@ -73,8 +53,8 @@ def _worker(rank: int, cfg: Config, world_size: int, port: int, parent: int) -> 
 
 def train_on_local_ranks(cfg: Config, ranks: int) -> None:
     """`train(cfg)` on `ranks` data-parallel processes of this machine (gloo), like a one-node torchrun; they exit
-    when this process does (`exit_with_parent`)."""
-    mp.start_processes(_worker, args=(cfg, ranks, free_port(), os.getpid()), nprocs=ranks, join=True, start_method="spawn")
+    when this process does (`parallel.state.exit_with_parent`)."""
+    mp.start_processes(_worker, args=(cfg, ranks, free_port()), nprocs=ranks, join=True, start_method="spawn")
 
 
 def run_demo(config_path: Optional[str] = None, overrides: Sequence[str] = (), ranks: int = DEMO_RANKS) -> Path:

@@ -18,10 +18,14 @@ group); when the two layouts coincide (PP = 1 and the same TP) it is `ps` itself
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
 import random
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -91,9 +95,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent() -> None:
+    """Make this process, when torch.multiprocessing started it, die with its launcher: on Linux the kernel kills
+    it (SIGKILL) when the parent exits, however it exits, so a killed launcher never leaves ranks computing on as
+    orphans; a parent already gone by now is an immediate exit. Elsewhere, and in a process nobody spawned, a
+    no-op. (torch's spawn asks for SIGINT instead, which a launcher started in the background by a shell
+    (`nohup ... &`) passes on ignored, so its ranks would live on.)"""
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent.pid:
+        raise SystemExit(f"the launcher (pid {parent.pid}) exited before this rank started")
+
+
 def set_local_rank_env(rank: int, world_size: int, port: int) -> None:
     """The environment torchrun gives rank `rank` of a one-node job (rendezvous at 127.0.0.1:port), for
-    processes started by hand (the demo, tests)."""
+    processes started by hand (the demo, tests, benchmarks); such a rank also dies with its launcher
+    (`exit_with_parent`)."""
+    exit_with_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
 
