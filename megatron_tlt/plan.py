@@ -32,8 +32,8 @@ What a rank holds, per pipeline rank (each is a distinct kind of rank: TP and DP
   logsumexp / entropy terms, ~8 fp32 loss terms) on the last stage and the received hidden input (e H)
   on the others; at PP > 1 with an online EAGLE-3 drafter the stages pass its three feature slots along
   (e 3H more received, and sent by every chunk but the last). A pipeline rank holds `in_flight` micro-batches
-  of its chunks at once: pp - rank with 1F1B, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1 chunk micro-batches with interleaving. Backward adds
-  the largest transient: at the head, the fp32 weight-gradient accumulator [V/tp, H], four fp32 logit
+  of its chunks at once: pp - rank with 1F1B, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1 chunk micro-batches
+  with interleaving. Backward adds the largest transient: at the head, the fp32 weight-gradient accumulator [V/tp, H], four fp32 logit
   chunks [1024, V/tp] (two of a chunk and two of the previous one, still referenced; three when one chunk) and
   the hidden gradient; in a layer, the gradients of its input and output (its own gradients replace the
   saved tensors its backward frees), on top of the rebuilt layer with full recompute.
