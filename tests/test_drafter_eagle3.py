@@ -20,7 +20,7 @@ from megatron_tlt.coordinator.exchange import exchange_for_update
 from megatron_tlt.drafter.data import from_trainer_output, make_batches, policy_examples
 from megatron_tlt.drafter.eagle3 import Eagle3Drafter, default_feature_layers, frequent_tokens
 from megatron_tlt.drafter.io import export_drafter, load_drafter, save_drafter
-from megatron_tlt.drafter.loss import ttt_loss
+from megatron_tlt.drafter.loss import TTT_HIDDEN_WEIGHT, ttt_loss
 from megatron_tlt.drafter.model import build_drafter
 from megatron_tlt.drafter.trainer import DrafterTrainer
 from megatron_tlt.models.kv_cache import CacheBatch
@@ -63,9 +63,9 @@ def sequences(lengths, seed: int) -> list[list[int]]:
     return [torch.randint(0, CFG.vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def loss_of(drafter, batch, steps):
+def loss_of(drafter, batch, steps, hidden_weight=TTT_HIDDEN_WEIGHT):
     return ttt_loss(drafter, batch.tokens, batch.hidden, batch.features, batch.cu_seqlens, batch.position_ids,
-                    batch.loss_mask, steps=steps)
+                    batch.loss_mask, steps=steps, hidden_weight=hidden_weight)
 
 
 # ---- the target features ----
@@ -134,14 +134,16 @@ def test_packed_ttt_loss_is_the_sum_of_per_example_losses(policy, draft_vocab):
 
 @pytest.mark.parametrize("draft_vocab", [None, DRAFT_VOCAB], ids=["policy_vocab", "draft_vocab"])
 def test_one_step_ttt_is_the_plain_next_token_loss(policy, draft_vocab):
-    """steps=1: the soft cross-entropy of the drafter's dense forward against softmax(lm_head(f_{t+1})), by hand
-    (with a draft vocabulary: both over its tokens, the target's renormalised there)."""
+    """steps=1, hidden_weight=0: the soft cross-entropy of the drafter's dense forward against softmax(lm_head(f_{t+1})),
+    by hand (with a draft vocabulary: both over its tokens, the target's renormalised there); with hidden_weight=w,
+    plus w x smooth_l1(norm(g_t), f_{t+1}) (mean over H) by hand."""
     drafter = perturbed(policy, seed=1, draft_vocab=draft_vocab)
     keep = torch.arange(CFG.vocab_size) if draft_vocab is None else torch.tensor(draft_vocab)
     examples = policy_examples(policy, sequences([8, 5], seed=3), max_tokens=64, feature_layers=LAYERS)
     (packed,) = make_batches(examples, max_tokens=64)
-    loss, metrics = loss_of(drafter, packed, steps=1)
-    expected, top1 = 0.0, 0.0
+    loss, metrics = loss_of(drafter, packed, steps=1, hidden_weight=0.0)
+    with_hidden, hidden_metrics = loss_of(drafter, packed, steps=1, hidden_weight=2.5)
+    expected, regression, top1 = 0.0, 0.0, 0.0
     with torch.no_grad():
         for e in examples:
             L = e.tokens.shape[0]
@@ -150,8 +152,12 @@ def test_one_step_ttt_is_the_plain_next_token_loss(policy, draft_vocab):
             target = policy.compute_logits(e.hidden[None, 1:])[0]
             expected += -(target[:, keep].softmax(-1) * q).sum()
             top1 += (keep[q.argmax(-1)] == target.argmax(-1)).sum()
+            regression += torch.nn.functional.smooth_l1_loss(drafter.norm(g[0]), e.hidden[1:], reduction="none").mean(-1).sum()
     torch.testing.assert_close(loss.detach(), torch.as_tensor(expected, dtype=loss.dtype), **TOL)
     assert metrics["num_tokens"] == 7 + 4 and math.isclose(float(metrics["top1"]), float(top1) / 11, abs_tol=1e-6)
+    assert "hidden_loss" not in metrics and float(regression) > 0
+    torch.testing.assert_close(with_hidden.detach(), torch.as_tensor(expected + 2.5 * regression, dtype=loss.dtype), **TOL)
+    torch.testing.assert_close(hidden_metrics["hidden_loss"], torch.as_tensor(regression / 11, dtype=loss.dtype), **TOL)
 
 
 def test_unrolled_steps_are_what_drafting_through_the_kv_cache_computes(policy):

@@ -325,3 +325,12 @@ def test_cli_train_drafter_rejects_bad_rows(hf_dir, tmp_path, capsys, lines, mes
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_cli_train_drafter_rejects_a_negative_ttt_hidden_weight(hf_dir, tmp_path, capsys):
+    data = tmp_path / "samples.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2], "response_ids": [3, 4]}) + "\n")
+    rc = cli_main(["train-drafter", "--model", str(hf_dir), "--data", str(data), "--out", str(tmp_path / "d"), "--steps", "1",
+                   "--ttt-hidden-weight", "-1"])
+    assert rc == 2
+    assert "--ttt-hidden-weight >= 0" in capsys.readouterr().err and not (tmp_path / "d").exists()

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=500, help="trainer steps (one packed micro-batch each)")
     t.add_argument("--arch", choices=("eagle3", "eagle"), default="eagle3", help="drafter head (drafter.arch)")
     t.add_argument("--ttt-steps", type=int, default=3, help="eagle3: training-time test steps (drafter.ttt_steps)")
+    t.add_argument("--ttt-hidden-weight", type=float, default=1.0,
+                   help="eagle3: weight of the auxiliary hidden-state regression (drafter.ttt_hidden_weight; 0: EAGLE-3's loss)")
     t.add_argument("--draft-vocab-size", type=int, default=None,
                    help="eagle3: draft over the N most frequent tokens of the data (own LM head, exported with d2t / t2d)")
     t.add_argument("--lr", type=float, default=1e-4)

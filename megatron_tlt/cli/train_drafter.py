@@ -108,10 +108,10 @@ class _WindowReport:
 
 
 def run_train_drafter(args) -> int:
-    if min(args.steps, args.log_every, args.ttt_steps) < 1 or args.max_tokens_per_micro_batch < 2:
+    if min(args.steps, args.log_every, args.ttt_steps) < 1 or args.max_tokens_per_micro_batch < 2 or not args.ttt_hidden_weight >= 0:
         raise UserError(
-            f"need --steps >= 1, --log-every >= 1, --ttt-steps >= 1 and --max-tokens-per-micro-batch >= 2; got {args.steps}, "
-            f"{args.log_every}, {args.ttt_steps} and {args.max_tokens_per_micro_batch}"
+            f"need --steps >= 1, --log-every >= 1, --ttt-steps >= 1, --max-tokens-per-micro-batch >= 2 and --ttt-hidden-weight "
+            f">= 0; got {args.steps}, {args.log_every}, {args.ttt_steps}, {args.max_tokens_per_micro_batch} and {args.ttt_hidden_weight}"
         )
     model_dir = Path(args.model)
     set_seed(args.seed)
@@ -126,7 +126,8 @@ def run_train_drafter(args) -> int:
     drafter = train_drafter_offline(
         policy, sequences, args.steps, lr=args.lr, weight_decay=args.weight_decay,
         max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, grad_clip=args.grad_clip, seed=args.seed,
-        on_step=report, arch=args.arch, ttt_steps=args.ttt_steps, draft_vocab_size=args.draft_vocab_size,
+        on_step=report, arch=args.arch, ttt_steps=args.ttt_steps, ttt_hidden_weight=args.ttt_hidden_weight,
+        draft_vocab_size=args.draft_vocab_size,
     )
     meta = {
         "source_model": str(model_dir.resolve()), "steps": args.steps, "num_sequences": len(sequences),

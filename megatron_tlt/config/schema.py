@@ -275,6 +275,7 @@ class DrafterConfig:
     arch: str = "eagle3"  # eagle3 (fused low/mid/high target features, training-time test, servable) | eagle (DRAFTER_ARCHS)
     feature_layers: Optional[list[int]] = None  # eagle3: the 3 target layers whose outputs it fuses; null = the servers' default
     ttt_steps: int = 3  # eagle3: training-time test steps unrolled per position (1 = plain next-token loss)
+    ttt_hidden_weight: float = 1.0  # eagle3: weight of the training-only regression norm(g) ~ target's final hidden (0 = EAGLE-3's loss)
     online: bool = True  # TLT: train the drafter on DP ranks that finished their rollouts (spot training)
     lr: float = 1e-4
     buffer_gb: float = 0.5  # online buffer of (tokens, target hidden states) per rank; oldest RL steps evicted first
@@ -287,6 +288,7 @@ class DrafterConfig:
     def __post_init__(self):
         check_choice("drafter.arch", self.arch, DRAFTER_ARCHS)
         check_range("drafter.ttt_steps", self.ttt_steps, ge=1, integer=True)
+        check_range("drafter.ttt_hidden_weight", self.ttt_hidden_weight, ge=0)
         if self.feature_layers is not None:
             if self.arch != "eagle3":
                 raise ValueError(f"drafter.feature_layers is an eagle3 option; drafter.arch={self.arch!r} reads the final hidden states")

@@ -66,6 +66,7 @@ CE_WEIGHT = 0.1  # EAGLE's p_w: soft cross-entropy against the target's next-tok
 VOCAB_CHUNK_TOKENS = 1024  # positions per chunk of [chunk, V] logits in the classification term
 TTT_STEPS = 3  # EAGLE-3 training-time test: unrolled steps (drafter.ttt_steps)
 TTT_STEP_DECAY = 0.8  # EAGLE-3's weight of step j: 0.8 ** j
+TTT_HIDDEN_WEIGHT = 1.0  # EAGLE-3 here: weight of the auxiliary regression norm(g_j) ~ f (drafter.ttt_hidden_weight)
 
 
 @contextlib.contextmanager
@@ -162,13 +163,15 @@ def drafter_loss(
     return loss, metrics
 
 
-def batch_loss(drafter, b, *, ttt_steps: int = TTT_STEPS, hidden_weight: float = HIDDEN_WEIGHT, ce_weight: float = CE_WEIGHT):
+def batch_loss(drafter, b, *, ttt_steps: int = TTT_STEPS, ttt_hidden_weight: float = TTT_HIDDEN_WEIGHT,
+               hidden_weight: float = HIDDEN_WEIGHT, ce_weight: float = CE_WEIGHT):
     """The loss of `drafter`'s arch on a `data.DrafterBatch` b (on the drafter's device): `ttt_loss` for an
-    EAGLE-3 drafter (b needs its features), `drafter_loss` for the EAGLE one."""
+    EAGLE-3 drafter (b needs its features; ttt_* options), `drafter_loss` for the EAGLE one (hidden / ce weights)."""
     if isinstance(drafter, Eagle3Drafter):
         if b.features is None:
             raise ValueError("an eagle3 drafter trains on target features: build its examples with its feature_layers")
-        return ttt_loss(drafter, b.tokens, b.hidden, b.features, b.cu_seqlens, b.position_ids, b.loss_mask, steps=ttt_steps)
+        return ttt_loss(drafter, b.tokens, b.hidden, b.features, b.cu_seqlens, b.position_ids, b.loss_mask, steps=ttt_steps,
+                        hidden_weight=ttt_hidden_weight)
     return drafter_loss(drafter, b.tokens, b.hidden, b.cu_seqlens, b.position_ids, b.loss_mask,
                         hidden_weight=hidden_weight, ce_weight=ce_weight, max_seqlen=b.max_seqlen)
 
@@ -184,22 +187,31 @@ def ttt_loss(
     *,
     steps: int = TTT_STEPS,
     step_decay: float = TTT_STEP_DECAY,
+    hidden_weight: float = TTT_HIDDEN_WEIGHT,
     vocab_chunk_tokens: int = VOCAB_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """EAGLE-3's loss with training-time test on one packed micro-batch, summed over trained positions.
 
-    Step j = 0 .. steps-1 (`Eagle3Drafter.unroll`): entry t consumes (x_{t+1+j}, its own step j-1 output; step
-    0: F_t) at position id t+j and is scored by the soft cross-entropy against the target's next-token
-    distribution softmax(lm_head(f_{t+1+j})), the distribution of x_{t+2+j}. Entry t is trained at step j iff
-    x_{t+1+j} is in its own example and loss_mask[t+j] (step 0: the positions `drafter_loss` trains), so
-    nothing is predicted across an example boundary and the loss of a pack is the sum of its examples'.
+    Step j = 0 .. steps-1 (`Eagle3Drafter.unroll`): entry t consumes (x_{t+1+j}, its own step j-1 output g_{j-1};
+    step 0: F_t) at position id t+j and is scored by the soft cross-entropy against the target's next-token
+    distribution softmax(lm_head(f_{t+1+j})), the distribution of x_{t+2+j}, plus `hidden_weight` x the
+    regression smooth_l1(norm(g_j), f_{t+1+j}) (mean over H) of the drafter's LM-head input on the target's.
+    Entry t is trained at step j iff x_{t+1+j} is in its own example and loss_mask[t+j] (step 0: the positions
+    `drafter_loss` trains), so nothing is predicted across an example boundary and the loss of a pack is the
+    sum of its examples'.
 
-        loss = sum_j step_decay**j * sum_{t trained at j} CE_j(t)
+        loss = sum_j step_decay**j * sum_{t trained at j} (CE_j(t) + hidden_weight * REG_j(t))
 
-    With steps = 1 it is the plain next-token soft cross-entropy of the drafter's step-0 logits. Chunked over
-    positions as `drafter_loss` (the vocabulary terms under activation checkpointing). Metrics (detached 0-d
-    tensors): `loss` per step-0 trained position (the normaliser, `num_tokens`), `ce_loss` and `top1` of step 0,
-    `ce_step{j}` / `top1_step{j}` of each step j (means over its trained entries).
+    The regression is not EAGLE-3's (its loss is the token term alone: hidden_weight = 0) and changes nothing
+    that is served: it is a training signal only. It is EAGLE's, applied where EAGLE-3's head has the policy's
+    LM-head input: it keeps the drafter's fed-back outputs near the target's states over the unrolled steps,
+    and on the benchmark policy it lengthens accepted drafts (tools/bench/rollout.py's heads section, with
+    --ttt-hidden-weight 0 for the paper's loss).
+
+    With steps = 1 and hidden_weight = 0 it is the plain next-token soft cross-entropy of the drafter's step-0
+    logits. Chunked over positions as `drafter_loss` (the vocabulary terms under activation checkpointing).
+    Metrics (detached 0-d tensors): `loss` per step-0 trained position (the normaliser, `num_tokens`), `ce_loss`,
+    `hidden_loss` and `top1` of step 0, `ce_step{j}` / `top1_step{j}` of each step j (means over its entries).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -215,9 +227,16 @@ def ttt_loss(
     metrics: dict[str, torch.Tensor] = {}
     for j, g in enumerate(outputs):
         trained = ((t + 1 + j < end) & loss_mask[torch.minimum(t + j, end - 1)]).nonzero().squeeze(1)  # [M_j]
-        ce, agree = _soft_cross_entropy(drafter, g[trained], target_hidden[trained + 1 + j], vocab_chunk_tokens)
-        loss = loss + step_decay**j * ce.sum()
+        g_j, f_next = g[trained], target_hidden[trained + 1 + j]  # [M_j, H] each
+        ce, agree = _soft_cross_entropy(drafter, g_j, f_next, vocab_chunk_tokens)
+        step_loss = ce.sum()
         count = torch.tensor(float(trained.numel()), device=tokens.device)
+        if hidden_weight:
+            reg = F.smooth_l1_loss(drafter.norm(g_j).float(), f_next.float(), reduction="none").mean(dim=-1).sum()
+            step_loss = step_loss + hidden_weight * reg
+            if j == 0:
+                metrics["hidden_loss"] = reg.detach() / count.clamp(min=1.0)
+        loss = loss + step_decay**j * step_loss
         metrics[f"ce_step{j}"] = ce.detach().sum() / count.clamp(min=1.0)
         metrics[f"top1_step{j}"] = agree.float().sum() / count.clamp(min=1.0)
         if j == 0:

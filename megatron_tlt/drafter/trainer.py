@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from megatron_tlt.drafter.eagle3 import frequent_tokens
 from megatron_tlt.drafter.data import DrafterBatch, DrafterExample, make_batches, policy_examples
-from megatron_tlt.drafter.loss import CE_WEIGHT, HIDDEN_WEIGHT, TTT_STEPS, batch_loss
+from megatron_tlt.drafter.loss import CE_WEIGHT, HIDDEN_WEIGHT, TTT_HIDDEN_WEIGHT, TTT_STEPS, batch_loss
 from megatron_tlt.drafter.model import Drafter, build_drafter
 from megatron_tlt.parallel.grads import clip_grads_, global_grad_norm
 
@@ -61,6 +61,7 @@ class DrafterTrainer:
         hidden_weight: float = HIDDEN_WEIGHT,
         ce_weight: float = CE_WEIGHT,
         ttt_steps: int = TTT_STEPS,  # EAGLE-3: training-time test steps (loss.ttt_loss)
+        ttt_hidden_weight: float = TTT_HIDDEN_WEIGHT,  # EAGLE-3: weight of ttt_loss's auxiliary hidden regression
     ):
         if max_tokens_per_micro_batch < 2:
             raise ValueError(f"max_tokens_per_micro_batch must be >= 2, got {max_tokens_per_micro_batch}")
@@ -68,6 +69,7 @@ class DrafterTrainer:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.grad_clip = grad_clip
         self.hidden_weight, self.ce_weight, self.ttt_steps = hidden_weight, ce_weight, ttt_steps
+        self.ttt_hidden_weight = ttt_hidden_weight
         self.params = [p for p in drafter.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -90,8 +92,8 @@ class DrafterTrainer:
         t0 = time.perf_counter()
         b = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, metrics = batch_loss(self.drafter, b, ttt_steps=self.ttt_steps, hidden_weight=self.hidden_weight,
-                                   ce_weight=self.ce_weight)
+        loss, metrics = batch_loss(self.drafter, b, ttt_steps=self.ttt_steps, ttt_hidden_weight=self.ttt_hidden_weight,
+                                   hidden_weight=self.hidden_weight, ce_weight=self.ce_weight)
         (loss / metrics["num_tokens"].clamp(min=1.0)).backward()
         grad_norm = global_grad_norm(self.params, self.drafter.tp_group)
         clip_grads_(self.params, self.grad_clip, grad_norm)
@@ -116,13 +118,14 @@ class DrafterTrainer:
 
 
 @torch.no_grad()
-def evaluate_drafter(drafter: Drafter, batches: Sequence[DrafterBatch], ttt_steps: int = TTT_STEPS) -> dict[str, float]:
+def evaluate_drafter(drafter: Drafter, batches: Sequence[DrafterBatch], ttt_steps: int = TTT_STEPS,
+                     ttt_hidden_weight: float = TTT_HIDDEN_WEIGHT) -> dict[str, float]:
     """Loss parts and top-1 agreement over `batches`, weighted by trained positions (no update)."""
     device = next(drafter.parameters()).device
     totals: dict[str, float] = {}
     for batch in batches:
         b = batch.to(device)
-        _, metrics = batch_loss(drafter, b, ttt_steps=ttt_steps)
+        _, metrics = batch_loss(drafter, b, ttt_steps=ttt_steps, ttt_hidden_weight=ttt_hidden_weight)
         n = float(metrics["num_tokens"])
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + (n if key == "num_tokens" else float(value) * n)
@@ -144,6 +147,7 @@ def train_drafter_offline(
     drafter: Optional[Drafter] = None,
     arch: str = "eagle3",
     ttt_steps: int = TTT_STEPS,
+    ttt_hidden_weight: float = TTT_HIDDEN_WEIGHT,
     draft_vocab_size: Optional[int] = None,
 ) -> Drafter:
     """`drafter` (default: a fresh one of `arch` over `policy`) trained for `steps` trainer steps on the policy's hidden
@@ -154,7 +158,8 @@ def train_drafter_offline(
     if drafter is None:
         vocab = None if draft_vocab_size is None else frequent_tokens(sequences, draft_vocab_size, policy.cfg.vocab_size)
         drafter = build_drafter(policy, arch, draft_vocab=vocab).to(next(policy.parameters()).device)
-    trainer = DrafterTrainer(drafter, lr, weight_decay, max_tokens_per_micro_batch, grad_clip, ttt_steps=ttt_steps)
+    trainer = DrafterTrainer(drafter, lr, weight_decay, max_tokens_per_micro_batch, grad_clip, ttt_steps=ttt_steps,
+                             ttt_hidden_weight=ttt_hidden_weight)
     examples = policy_examples(policy, sequences, max_tokens_per_micro_batch, drafter.feature_layers)
     batches = trainer.make_batches(examples)
     order_rng = torch.Generator().manual_seed(seed)

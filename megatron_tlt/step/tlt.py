@@ -85,7 +85,7 @@ def build_drafter_training(cfg: Config, drafter, ps: ParallelState) -> "NoDrafte
     from megatron_tlt.drafter.trainer import DrafterTrainer
 
     trainer = DrafterTrainer(drafter, lr=cfg.drafter.lr, max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens,
-                             ttt_steps=cfg.drafter.ttt_steps)
+                             ttt_steps=cfg.drafter.ttt_steps, ttt_hidden_weight=cfg.drafter.ttt_hidden_weight)
     spot = SpotTrainer(trainer, DrafterBuffer(int(cfg.drafter.buffer_gb * 2**30)), ps, seed=cfg.run.seed,
                        max_wait_s=cfg.drafter.max_wait_s)
     watchdog = PeerWatchdog(ps.rank, ps.world_size, cfg.drafter.peer_timeout_s).start() if ps.world_size > 1 else None

@@ -39,7 +39,7 @@ def warm_up(cfg: Config, model, weights, drafter, engine, tokenizer, train_ds: P
             seqs = [p + cs[0].token_ids for p, cs in zip(prompts, engine.generate(prompts, params))]
             train_drafter_offline(rollout_model, seqs, cfg.drafter.warmup_steps, lr=cfg.drafter.lr, drafter=drafter, seed=cfg.run.seed,
                                   max_tokens_per_micro_batch=cfg.drafter.micro_batch_tokens, on_step=lambda i, m: last.update(m),
-                                  ttt_steps=cfg.drafter.ttt_steps)
+                                  ttt_steps=cfg.drafter.ttt_steps, ttt_hidden_weight=cfg.drafter.ttt_hidden_weight)
         if ps.is_main:
             log.info("drafter warm-up: %d steps on %d policy samples, top-1 agreement %.2f", cfg.drafter.warmup_steps,
                      len(seqs), last.get("top1", float("nan")))
