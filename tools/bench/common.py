@@ -10,9 +10,11 @@ rate, micro-batch tokens) on the same samples: the EAGLE head (`drafter`, drafte
 EAGLE-3 head (`eagle3`, drafter.arch=eagle3, with training-time test), so benchmarks can compare them.
 Benchmarks then run on the task's held-out prompts, which no model has seen.
 
-The result is saved under --cache-dir (a megatron_tlt checkpoint with the tokenizer, and a drafter
-directory) in a folder named by a hash of the model and data configs and the warm-up options, so a rerun
-with the same options loads it in seconds. Delete the folder after changing the model or warm-up code.
+The result is saved under --cache-dir in a folder named by a hash of the model and data configs and the
+warm-up options: the policy (a megatron_tlt checkpoint with the tokenizer), the EAGLE drafter, and one
+EAGLE-3 drafter directory per setting of its own loss options (`eagle3_dir`: --ttt-steps, --ttt-hidden-weight),
+so a rerun with the same options loads everything in seconds, and one that changes only the EAGLE-3 loss
+trains only that head. Delete the folder after changing the model or warm-up code.
 
     add_model_args(parser)                     # the options below (--quick: a tiny model for a smoke run)
     models = trained_models(args, ps)          # TrainedModels: policy, drafter, eagle3, tokenizer, prompts
@@ -43,8 +45,7 @@ from megatron_tlt.parallel.state import ParallelState
 from megatron_tlt.step.setup import build_datasets, build_engine, build_rollout_weights, build_tokenizer
 from megatron_tlt.step.warmup import warm_up
 
-POLICY_DIR, DRAFTER_DIR, EAGLE3_DIR = "policy", "drafter", "drafter_eagle3"
-HEADS = {"eagle": DRAFTER_DIR, "eagle3": EAGLE3_DIR}  # drafter.arch -> its cached drafter directory
+POLICY_DIR, DRAFTER_DIR = "policy", "drafter"
 QUICK = dict(hidden=64, layers=4, sft_steps=40, drafter_prompts=32, drafter_steps=60, sample_max_new_tokens=96, num_held_out=16)
 
 
@@ -67,6 +68,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drafter-steps", type=int, default=300)
     g.add_argument("--drafter-lr", type=float, default=1e-3)
     g.add_argument("--ttt-steps", type=int, default=DrafterConfig.ttt_steps, help="the EAGLE-3 head's training-time test steps (drafter.ttt_steps)")
+    g.add_argument("--ttt-hidden-weight", type=float, default=DrafterConfig.ttt_hidden_weight,
+                   help="the EAGLE-3 head's auxiliary hidden-state regression weight (drafter.ttt_hidden_weight; 0: EAGLE-3's loss)")
     g.add_argument("--sample-max-new-tokens", type=int, default=256, help="response limit of the drafter's training samples")
     g.add_argument("--num-held-out", type=int, default=256, help="held-out prompts to benchmark on")
     g.add_argument("--seed", type=int, default=0)
@@ -91,6 +94,7 @@ class TrainedModels:
     train: PromptDataset  # the prompts the policy and the drafter were trained on
     held_out: PromptDataset  # prompts neither has seen
     checkpoint: Path  # the policy's megatron_tlt checkpoint (tokenizer files included)
+    heads: dict[str, Path]  # drafter.arch -> its saved drafter directory
     report: list[str]  # how they were made (cached runs: as recorded when they were made)
 
 
@@ -105,23 +109,28 @@ def bench_config(args) -> Config:
         data=DataConfig(task=args.task, task_args=args.task_args, num_examples=4096, eval_examples=args.num_held_out, max_prompt_tokens=128),
         rollout=RolloutConfig(temperature=1.0, max_new_tokens=args.sample_max_new_tokens, kv_cache_gb=0.5),
         drafter=DrafterConfig(lr=args.drafter_lr, warmup_steps=args.drafter_steps, warmup_prompts=args.drafter_prompts,
-                              ttt_steps=args.ttt_steps),
+                              ttt_steps=args.ttt_steps, ttt_hidden_weight=args.ttt_hidden_weight),
         optim=OptimConfig(micro_batch_tokens=4096),
         run=RunConfig(seed=args.seed, sft_steps=args.sft_steps, sft_lr=args.sft_lr, sft_batch=args.sft_batch),
     )
 
 
 # The options besides the model and data configs that shape the trained models (the cache key hashes only
-# these, so config fields the warm-up does not read leave the cache valid).
+# these, so config fields the warm-up does not read leave the cache valid); the EAGLE-3 head's loss options
+# name its own directory inside (`eagle3_dir`).
 WARM_UP_OPTIONS = ("sft_steps", "sft_batch", "sft_lr", "drafter_prompts", "drafter_steps", "drafter_lr", "sample_max_new_tokens", "seed")
 
 
 def _cache_dir(args, cfg: Config) -> Path:
     shaping = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-               "warm_up": {name: getattr(args, name) for name in WARM_UP_OPTIONS}, "heads": sorted(HEADS),
-               "ttt_steps": cfg.drafter.ttt_steps}
+               "warm_up": {name: getattr(args, name) for name in WARM_UP_OPTIONS}}
     key = json.dumps(shaping, sort_keys=True, default=str)
     return Path(args.cache_dir) / f"{args.task}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}"
+
+
+def eagle3_dir(cfg: Config) -> str:
+    """The cached EAGLE-3 drafter's directory name: its loss options."""
+    return f"drafter_eagle3-ttt{cfg.drafter.ttt_steps}-hidden{cfg.drafter.ttt_hidden_weight:g}"
 
 
 class _Lines(logging.Handler):
@@ -135,33 +144,48 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _train_and_save(cfg: Config, ps: ParallelState, tokenizer, tokenizer_dir: Path, train: PromptDataset, root: Path) -> None:
-    """Warm the policy and the EAGLE drafter up from scratch (`step.warmup.warm_up`), then the EAGLE-3 drafter the
-    same way at the same budget (the policy's warm-up skipped: the same policy, so the same samples), and save
-    them under `root`."""
-    set_seed(cfg.run.seed)
-    policy = Policy(cfg.model, ps.tp_group).to(ps.device)
+def _warm_up_head(cfg: Config, ps: ParallelState, policy: Policy, arch: str, tokenizer, train: PromptDataset) -> tuple[Drafter, list[str]]:
+    """A fresh drafter of `arch` warmed up with `step.warmup.warm_up` (the policy's own supervised warm-up first when
+    cfg.run.sft_steps > 0; each head then gets the same samples, drawn with the same seed from the same policy, and
+    the same budget) -> (the drafter, the warm-up's log lines)."""
     engine, _ = build_engine(cfg, policy, ps)  # cfg.rollout.spec is "off": a plain engine for the drafter's samples
     weights = build_rollout_weights(cfg, policy, ps)
     lines = _Lines()
+    lines.lines.append(f"drafter head {arch}:")
     logger = logging.getLogger("megatron_tlt.step.warmup")
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
-    drafters, start = {}, time.perf_counter()
     try:
-        for arch in ("eagle", "eagle3"):  # the policy's SFT runs with the first only
-            set_seed(cfg.run.seed + 1)
-            drafters[arch] = build_drafter(policy, arch).to(ps.device)
-            lines.lines.append(f"drafter head {arch}:")
-            warm_up(cfg, policy, weights, drafters[arch], engine, tokenizer, train, ps)
-            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, sft_steps=0))
+        set_seed(cfg.run.seed + 1)
+        drafter = build_drafter(policy, arch).to(ps.device)
+        warm_up(cfg, policy, weights, drafter, engine, tokenizer, train, ps)
     finally:
         logger.removeHandler(lines)
-    report = [*lines.lines, f"policy and drafters trained in {time.perf_counter() - start:.0f} s"]
+    return drafter, lines.lines
+
+
+def _train_and_save(cfg: Config, ps: ParallelState, tokenizer, tokenizer_dir: Path, train: PromptDataset, root: Path) -> None:
+    """Warm the policy and the EAGLE drafter up from scratch and save them under `root`."""
+    set_seed(cfg.run.seed)
+    start = time.perf_counter()
+    policy = Policy(cfg.model, ps.tp_group).to(ps.device)
+    drafter, lines = _warm_up_head(cfg, ps, policy, "eagle", tokenizer, train)
+    report = [*lines, f"policy and EAGLE drafter trained in {time.perf_counter() - start:.0f} s"]
     files = {name: tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()}
     save_checkpoint(root / POLICY_DIR, policy, cfg.model, files=files)
-    save_drafter(root / EAGLE3_DIR, drafters["eagle3"])
-    save_drafter(root / DRAFTER_DIR, drafters["eagle"], meta={"report": report})  # last: its presence marks a complete cache
+    save_drafter(root / DRAFTER_DIR, drafter, meta={"report": report})  # last: its presence marks a complete cache
+
+
+def _eagle3_head(cfg: Config, ps: ParallelState, policy: Policy, tokenizer, train: PromptDataset, root: Path) -> tuple[Path, list[str]]:
+    """The cached EAGLE-3 drafter of cfg's loss options (trained now and saved if missing: at the EAGLE head's budget,
+    on the same samples) -> (its directory, its report)."""
+    path = root / eagle3_dir(cfg)
+    if not (path / "COMPLETE").is_file():
+        start = time.perf_counter()
+        drafter, lines = _warm_up_head(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, sft_steps=0)), ps, policy,
+                                       "eagle3", tokenizer, train)
+        save_drafter(path, drafter, meta={"report": [*lines, f"EAGLE-3 drafter trained in {time.perf_counter() - start:.0f} s"]})
+    return path, json.loads((path / "meta.json").read_text())["report"]
 
 
 def trained_models(args, ps: ParallelState, dtype=None) -> TrainedModels:
@@ -180,6 +204,11 @@ def trained_models(args, ps: ParallelState, dtype=None) -> TrainedModels:
     report = json.loads((root / DRAFTER_DIR / "meta.json").read_text())["report"]
     if cached:
         report.append(f"(loaded from {root})")
-    policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device, dtype=dtype)
-    drafter, eagle3 = (load_drafter(root / HEADS[arch], policy).eval() for arch in ("eagle", "eagle3"))
-    return TrainedModels(cfg, policy, drafter, eagle3, tokenizer, train, held_out, root / POLICY_DIR, report)
+    policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device)  # fp32, as trained
+    heads = {"eagle": root / DRAFTER_DIR}
+    heads["eagle3"], eagle3_report = _eagle3_head(cfg, ps, policy, tokenizer, train, root)
+    report += eagle3_report
+    if dtype is not None:
+        policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device, dtype=dtype)
+    drafter, eagle3 = (load_drafter(heads[arch], policy).eval() for arch in ("eagle", "eagle3"))
+    return TrainedModels(cfg, policy, drafter, eagle3, tokenizer, train, held_out, root / POLICY_DIR, heads, report)

@@ -55,7 +55,9 @@ then differ in their last bits and sampled rollouts drift apart after a few step
 says when). --lr 1e-12 keeps the fp32 weights unchanged, so every mode rolls out exactly the same tokens at every
 step (the same work) and only the time differs. With --max-batch it also prints what any lossless schedule could
 gain on the no-SD run's actual lengths (decode steps: round-robin, the scheduler given every true length, and the
-floor max(longest, tokens / slots)): the headroom the length predictions leave.
+floor max(longest, tokens / slots)): the headroom the length predictions leave. The scheduler's line gives its
+makespan both in wall time and in work (the slowest rank's decode steps, from the runs' sched_actual_makespan
+metric), which does not move with the machine's load as the seconds of two runs minutes apart do.
     python tools/bench/tlt.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 --prompts 64   # on a GPU
 
 Ratios only on CPU: absolute times on a shared CPU are noisy, and a small model's decode step is
@@ -71,7 +73,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HEADS, POLICY_DIR, add_model_args, apply_quick_models, bench_config, trained_models  # noqa: E402
+from common import TrainedModels, add_model_args, apply_quick_models, bench_config, trained_models  # noqa: E402
 
 from megatron_tlt.config import load_config  # noqa: E402
 from megatron_tlt.coordinator.scheduler import assign_groups, max_makespan, round_robin, simulate_makespan  # noqa: E402
@@ -93,12 +95,12 @@ MODES = {
 HEAD_OF = {"frozen3": "eagle3", "tlt3": "eagle3"}  # drafter.arch of a mode; the others: eagle
 
 
-def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
+def settings(a: argparse.Namespace, models: TrainedModels, mode: str) -> list[str]:
     data = bench_config(a).data
     verifier = "countdown" if a.task == "countdown" else "math"
     return [
         f"run.dir={Path(a.out) / mode}", f"run.seed={a.seed}", "run.tensorboard=false", "run.eval_every=0",
-        f"run.model_path={models_dir / POLICY_DIR}", f"drafter.path={models_dir / HEADS[HEAD_OF.get(mode, 'eagle')]}",
+        f"run.model_path={models.checkpoint}", f"drafter.path={models.heads[HEAD_OF.get(mode, 'eagle')]}",
         f"drafter.arch={HEAD_OF.get(mode, 'eagle')}", f"rollout.temperature={a.temperature}",
         "run.sft_steps=0", "drafter.warmup_steps=0",
         f"data.task={a.task}", f"data.task_args={json.dumps(a.task_args)}", f"data.num_examples={a.prompt_pool or data.num_examples}", "data.eval_examples=4",
@@ -106,13 +108,14 @@ def settings(a: argparse.Namespace, models_dir: Path, mode: str) -> list[str]:
         f"run.steps={a.steps}", f"run.prompts_per_step={a.prompts}", f"rollout.n={a.n}",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.max_spec_batch={a.max_spec_batch}",
         f"optim.lr={a.lr}", f"drafter.lr={a.drafter_lr_online}", f"drafter.micro_batch_tokens={a.drafter_tokens}", f"drafter.ttt_steps={a.ttt_steps}",
+        f"drafter.ttt_hidden_weight={a.ttt_hidden_weight}",
         "run.save_rollouts=true", *([f"rollout.max_batch={a.max_batch}"] if a.max_batch else []), *MODES[mode][1],
     ]
 
 
-def run_mode(a: argparse.Namespace, models_dir: Path, mode: str, ranks: int = 2) -> tuple[list[dict], dict, float]:
+def run_mode(a: argparse.Namespace, models: TrainedModels, mode: str, ranks: int = 2) -> tuple[list[dict], dict, float]:
     """Rank 0's metrics rows, {(step, group, prompt, sample): response token ids} of every rank, and the wall time."""
-    cfg = load_config(None, settings(a, models_dir, mode))
+    cfg = load_config(None, settings(a, models, mode))
     run_dir = Path(cfg.run.dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # a run dir from an earlier invocation: start clean (no resume)
     t0 = time.perf_counter()
@@ -173,7 +176,15 @@ def summarize(rows: list[dict], skip: int) -> dict[str, float]:
         "reward": mean("reward_mean"), "imbalance": mean("rollout_imbalance"), "corr": mean("sched_length_corr"),
         "tokens": mean_of(lambda r: r["num_samples"] * r["response_len_mean"]),  # generated per step
         "longest": mean("response_len_max"), "stolen": mean("sched_stolen"),
+        "decode_makespan": total("sched_actual_makespan"),  # the slowest rank's decode steps, summed over the steps
     }
+
+
+def in_decode_steps(base: dict, other: dict) -> str:
+    """The rollout makespan as work rather than wall time: the slowest rank's decode steps, summed over the
+    measured steps, of the no-SD run and `other` (no SD too, so a decode step is one token per live row)."""
+    b, o = base["decode_makespan"], other["decode_makespan"]
+    return f"in decode steps of the slowest rank {b:.0f} -> {o:.0f}, {100 * (1 - o / b):.1f}% shorter"
 
 
 def main(argv=None) -> None:
@@ -209,13 +220,12 @@ def main(argv=None) -> None:
     ps = init_parallel()
     models = trained_models(a, ps)
     destroy_parallel()
-    models_dir = models.checkpoint.parent
     for line in models.report:
         print(f"[bench] {line}")
     modes = a.modes.split(",")
     res, responses = {}, {}
     for mode in modes:
-        rows, responses[mode], wall = run_mode(a, models_dir, mode)
+        rows, responses[mode], wall = run_mode(a, models, mode)
         res[mode] = s = summarize(rows, a.skip)
         print(f"[bench] {mode}: {len(rows)} RL steps in a {wall:.0f}s run (incl. warm-up and the held-out evaluations); response length "
               f"p50 {s['p50']:.1f} p90 {s['p90']:.1f} max {s['max']:.0f} (p90/p50 {s['p90'] / max(s['p50'], 1):.2f})", flush=True)
@@ -251,10 +261,10 @@ def main(argv=None) -> None:
                   f"({100 * (1 - floor / rr):.1f}% shorter)")
         if "steal" in res:
             print(f"work stealing only: rollout makespan {100 * (1 - res['steal']['rollout'] / base['rollout']):.1f}% shorter "
-                  f"than no SD's; {res['steal']['stolen']:.1f} requests stolen per step")
+                  f"than no SD's ({in_decode_steps(base, res['steal'])}); {res['steal']['stolen']:.1f} requests stolen per step")
         if "sched" in res:
             print(f"scheduler only: rollout makespan {100 * (1 - res['sched']['rollout'] / base['rollout']):.1f}% shorter than "
-                  f"no SD's (target >= 20%); rollout imbalance (slowest rank / mean) {base['imbalance']:.3f} -> "
+                  f"no SD's (target >= 20%; {in_decode_steps(base, res['sched'])}); rollout imbalance (slowest rank / mean) {base['imbalance']:.3f} -> "
                   f"{res['sched']['imbalance']:.3f}; predicted vs actual group length correlation {res['sched']['corr']:.2f}; "
                   f"{res['sched']['stolen']:.1f} requests stolen per step")
         if "tlt_sched" in res:
