@@ -176,12 +176,13 @@ def _train_and_save(cfg: Config, ps: ParallelState, tokenizer, tokenizer_dir: Pa
     save_drafter(root / DRAFTER_DIR, drafter, meta={"report": report})  # last: its presence marks a complete cache
 
 
-def _eagle3_head(cfg: Config, ps: ParallelState, policy: Policy, tokenizer, train: PromptDataset, root: Path) -> tuple[Path, list[str]]:
+def _eagle3_head(cfg: Config, ps: ParallelState, tokenizer, train: PromptDataset, root: Path) -> tuple[Path, list[str]]:
     """The cached EAGLE-3 drafter of cfg's loss options (trained now and saved if missing: at the EAGLE head's budget,
-    on the same samples) -> (its directory, its report)."""
+    on the same samples, over the saved float32 policy) -> (its directory, its report)."""
     path = root / eagle3_dir(cfg)
     if not (path / "COMPLETE").is_file():
         start = time.perf_counter()
+        policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device)  # fp32, as trained
         drafter, lines = _warm_up_head(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, sft_steps=0)), ps, policy,
                                        "eagle3", tokenizer, train)
         save_drafter(path, drafter, meta={"report": [*lines, f"EAGLE-3 drafter trained in {time.perf_counter() - start:.0f} s"]})
@@ -204,11 +205,9 @@ def trained_models(args, ps: ParallelState, dtype=None) -> TrainedModels:
     report = json.loads((root / DRAFTER_DIR / "meta.json").read_text())["report"]
     if cached:
         report.append(f"(loaded from {root})")
-    policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device)  # fp32, as trained
     heads = {"eagle": root / DRAFTER_DIR}
-    heads["eagle3"], eagle3_report = _eagle3_head(cfg, ps, policy, tokenizer, train, root)
+    heads["eagle3"], eagle3_report = _eagle3_head(cfg, ps, tokenizer, train, root)
     report += eagle3_report
-    if dtype is not None:
-        policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device, dtype=dtype)
+    policy = load_model(root / POLICY_DIR, tp_group=ps.tp_group, device=ps.device, dtype=dtype)
     drafter, eagle3 = (load_drafter(heads[arch], policy).eval() for arch in ("eagle", "eagle3"))
     return TrainedModels(cfg, policy, drafter, eagle3, tokenizer, train, held_out, root / POLICY_DIR, heads, report)
