@@ -53,9 +53,11 @@ under TLT: the time ranks spent after the stop signal (stop_latency_s + merge_ti
 The scheduler places samples on other ranks, so the update packs and sums them in another order: the weights
 then differ in their last bits and sampled rollouts drift apart after a few steps (the identical-rollouts line
 says when). --lr 1e-12 keeps the fp32 weights unchanged, so every mode rolls out exactly the same tokens at every
-step (the same work) and only the time differs. With --max-batch it also prints what any lossless schedule could
-gain on the no-SD run's actual lengths (decode steps: round-robin, the scheduler given every true length, and the
-floor max(longest, tokens / slots)): the headroom the length predictions leave. The scheduler's line gives its
+step (the same work) and only the time differs. With --max-batch it also replays schedules on the no-SD run's true
+lengths (tools/bench/sched_replay.py, in decode steps: round-robin, stealing only, the scheduler on its history, on
+more history, on each group's true mean and max, on every sample's length, and the floor max(longest, tokens /
+slots)): the headroom that length prediction leaves, and how much of it a prediction from history can reach. The
+scheduler's replay on its own history matches its measured decode steps to ~1%. The scheduler's line gives its
 makespan both in wall time and in work (the slowest rank's decode steps, from the runs' sched_actual_makespan
 metric), which does not move with the machine's load as the seconds of two runs minutes apart do.
     python tools/bench/tlt.py --hidden 1024 --layers 24 --heads 16 --kv-heads 4 --sft-steps 600 --prompts 64   # on a GPU
@@ -75,10 +77,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TrainedModels, add_model_args, apply_quick_models, bench_config, trained_models  # noqa: E402
 
+from sched_replay import read_responses, report  # noqa: E402
+
 from megatron_tlt.config import load_config  # noqa: E402
-from megatron_tlt.coordinator.scheduler import assign_groups, max_makespan, round_robin, simulate_makespan  # noqa: E402
+from megatron_tlt.config.schema import CoordinatorConfig  # noqa: E402
 from megatron_tlt.cli.demo import train_on_local_ranks  # noqa: E402
-from megatron_tlt.metrics import ROLLOUTS_DIR, read_jsonl  # noqa: E402
+from megatron_tlt.metrics import read_jsonl  # noqa: E402
 from megatron_tlt.parallel import destroy_parallel, init_parallel  # noqa: E402
 
 SCHEDULER = ["coordinator.assignment=balanced", "coordinator.admission=longest_first", "coordinator.steal=true"]
@@ -121,35 +125,13 @@ def run_mode(a: argparse.Namespace, models: TrainedModels, mode: str, ranks: int
     t0 = time.perf_counter()
     train_on_local_ranks(cfg, ranks)
     wall = time.perf_counter() - t0
-    responses = {
-        (r["step"], r["group"], r["prompt"], r["sample"]): r["response_ids"]
-        for path in sorted((run_dir / ROLLOUTS_DIR).glob("rank*.jsonl")) for r in read_jsonl(path)
-    }
-    return read_jsonl(run_dir / "metrics.jsonl"), responses, wall
+    return read_jsonl(run_dir / "metrics.jsonl"), read_responses(run_dir), wall
 
 
 def identical(base: dict, other: dict) -> tuple[set, int | None]:
     """The keys of `base` whose responses `other` repeats token for token, and the first step where one differs."""
     same = {k for k, tokens in base.items() if other.get(k) == tokens}
     return same, min((k[0] for k in base.keys() - same), default=None)
-
-
-def lossless_bounds(responses: dict, slots: int, skip: int, ranks: int = 2) -> tuple[float, float, float]:
-    """What any lossless schedule could do with the no-SD run's actual response lengths, in decode steps summed over
-    the measured steps (a step costs the same however many rows are live): (round-robin in order, the scheduler's
-    own placement and order given every sample's true length, the floor max(longest, tokens / (ranks x slots)))."""
-    steps: dict[int, dict[int, list[int]]] = {}
-    for (step, group, _, _), tokens in sorted(responses.items()):
-        if step >= skip:
-            steps.setdefault(step, {}).setdefault(group, []).append(len(tokens))
-    rr = perfect = floor = 0.0
-    for groups in steps.values():
-        placed = round_robin(sorted(groups), ranks)
-        rr += max(simulate_makespan([x for g in sorted(groups) if placed[g] == r for x in groups[g]], slots) for r in range(ranks))
-        perfect += max_makespan(groups, assign_groups(groups, ranks, slots), ranks, slots)
-        lengths = [x for g in groups.values() for x in g]
-        floor += max(max(lengths), sum(lengths) / (ranks * slots))
-    return rr, perfect, floor
 
 
 def summarize(rows: list[dict], skip: int) -> dict[str, float]:
@@ -254,11 +236,8 @@ def main(argv=None) -> None:
             print("first step where a sequence differs: " + (f"{min(f for _, f in firsts)} (" + ", ".join(
                 f"{name} step {f}" for name, f in firsts) + ")" if firsts else "none"))
         if a.max_batch:
-            rr, perfect, floor = lossless_bounds(responses["nosd"], a.max_batch, a.skip)
-            print(f"lossless bound from the no-SD run's lengths ({a.max_batch} slots per rank, decode steps over the measured "
-                  f"steps): round-robin in order {rr:.0f}; the scheduler knowing every length {perfect:.0f} "
-                  f"({100 * (1 - perfect / rr):.1f}% shorter); no schedule beats max(longest, tokens / slots) {floor:.0f} "
-                  f"({100 * (1 - floor / rr):.1f}% shorter)")
+            for line in report(responses["nosd"], 2, a.max_batch, a.skip, CoordinatorConfig.length_decay, a.max_new_tokens / 2):
+                print(line)
         if "steal" in res:
             print(f"work stealing only: rollout makespan {100 * (1 - res['steal']['rollout'] / base['rollout']):.1f}% shorter "
                   f"than no SD's ({in_decode_steps(base, res['steal'])}); {res['steal']['stolen']:.1f} requests stolen per step")
