@@ -11,7 +11,7 @@ By default the attempt count is drawn per solution, so a prompt says nothing abo
 with `attempts_per_number=a` it follows from the prompt (a per number beyond `min_numbers`, plus
 0 .. a // 2 at random): prompts with more numbers are harder and take longer, as in reasoning RL,
 where a prompt's earlier response lengths predict its next ones (the long-tail scheduler's premise).
-`numbered_attempts=True` opens the solution with its attempt count ("tries 7") and numbers the attempts ("3: ..."),
+`numbered_attempts=1` opens the solution with its attempt count ("tries 7") and numbers the attempts ("3: ..."),
 so a small policy can keep count and stop where the prompt says (without it, a 3M-parameter policy loses count
 over hundreds of tokens and its lengths follow the prompt only loosely).
 
@@ -108,7 +108,7 @@ def countdown_task(
     max_result: int = 1000,
     max_attempts: int = 24,
     attempts_per_number: int = 0,
-    numbered_attempts: bool = False,
+    numbered_attempts: int = 0,
 ) -> list[TaskExample]:
     """Countdown problems: reach `target` from `numbers` with + - * / using each number at most once.
 
@@ -116,7 +116,8 @@ def countdown_task(
     positive integers <= max_result. The count of failed attempts shown before the working
     derivation is Pareto-distributed (most solutions show none, a few show many); with
     `attempts_per_number` > 0 it is that many per number beyond `min_numbers`, plus 0 .. a // 2. With
-    `numbered_attempts` the solution opens with "tries N" and attempt i's first line starts with "i: ".
+    `numbered_attempts` (0 or 1: data.task_args are integers) the solution opens with "tries N" and attempt i's first
+    line starts with "i: ".
     """
     rng = random.Random(seed)
     out = []
