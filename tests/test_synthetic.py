@@ -1,6 +1,4 @@
 """Built-in synthetic tasks: deterministic, verified by their own rewards, and long-tailed."""
-import re
-
 import pytest
 
 from megatron_tlt.data.synthetic import TASKS, arithmetic_task, countdown_task, get_task
@@ -70,17 +68,3 @@ def test_countdown_lengths_follow_the_prompt_with_attempts_per_number():
             assert max(by_k[3]) >= 10 and sum(c == 0 for c in by_k[3]) > len(by_k[3]) / 3  # heavy-tailed at any k
     lengths = sorted(len(ex.solution) for ex in countdown_task(1000, seed=0, attempts_per_number=6))
     assert lengths[int(0.9 * len(lengths))] / lengths[len(lengths) // 2] > 2.0  # still long-tailed, over prompts
-
-
-def test_numbered_attempts_state_their_count_and_leave_the_problems_as_they_are():
-    """numbered_attempts: "tries N" first, then attempts "1: " .. "N: " (one "(not target)" line each); stripped of
-    those, the solutions are the unnumbered task's, problem for problem."""
-    plain = countdown_task(500, seed=2, attempts_per_number=6)
-    numbered = countdown_task(500, seed=2, attempts_per_number=6, numbered_attempts=1)
-    assert any(ex.solution.startswith("tries 0\n") for ex in numbered) and any(not ex.solution.startswith("tries 0") for ex in numbered)
-    for p, q in zip(plain, numbered):
-        lines = q.solution.splitlines()
-        n = int(lines[0].removeprefix("tries "))
-        starts = [line.split(": ", 1)[0] for line in lines[1:] if re.match(r"\d+: ", line)]
-        assert starts == [str(i) for i in range(1, n + 1)] and sum("(not " in line for line in lines) == n
-        assert re.sub(r"^\d+: ", "", "\n".join(lines[1:]), flags=re.M) == p.solution and q.prompt == p.prompt

@@ -40,7 +40,7 @@ BUILTIN_REWARDS = ("math", "countdown", "format")  # rl.rewards.BUILTIN_REWARDS
 # data.synthetic.TASKS: task name -> the keyword arguments of its generator (data.task_args)
 SYNTHETIC_TASKS = {
     "arithmetic": ("max_terms", "max_value"),
-    "countdown": ("min_numbers", "max_numbers", "max_value", "max_result", "max_attempts", "attempts_per_number", "numbered_attempts"),
+    "countdown": ("min_numbers", "max_numbers", "max_value", "max_result", "max_attempts", "attempts_per_number"),
 }
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*|\.[A-Za-z_]\w*)")  # pkg.mod:fn | pkg.mod.fn
 

@@ -11,9 +11,6 @@ By default the attempt count is drawn per solution, so a prompt says nothing abo
 with `attempts_per_number=a` it follows from the prompt (a per number beyond `min_numbers`, plus
 0 .. a // 2 at random): prompts with more numbers are harder and take longer, as in reasoning RL,
 where a prompt's earlier response lengths predict its next ones (the long-tail scheduler's premise).
-`numbered_attempts=1` opens the solution with its attempt count ("tries 7") and numbers the attempts ("3: ..."),
-so a small policy can keep count and stop where the prompt says (without it, a 3M-parameter policy loses count
-over hundreds of tokens and its lengths follow the prompt only loosely).
 
 Every worked solution ends with the final answer after the `#` marker ("... #9", "#(25+3)*7"),
 which `megatron_tlt.rl.verifiers.extract_answer` reads. Rewards: "math" for arithmetic (checks
@@ -108,16 +105,13 @@ def countdown_task(
     max_result: int = 1000,
     max_attempts: int = 24,
     attempts_per_number: int = 0,
-    numbered_attempts: int = 0,
 ) -> list[TaskExample]:
     """Countdown problems: reach `target` from `numbers` with + - * / using each number at most once.
 
     The target is built from all numbers, so a solution always exists; intermediate results stay
     positive integers <= max_result. The count of failed attempts shown before the working
     derivation is Pareto-distributed (most solutions show none, a few show many); with
-    `attempts_per_number` > 0 it is that many per number beyond `min_numbers`, plus 0 .. a // 2. With
-    `numbered_attempts` (0 or 1: data.task_args are integers) the solution opens with "tries N" and attempt i's first
-    line starts with "i: ".
+    `attempts_per_number` > 0 it is that many per number beyond `min_numbers`, plus 0 .. a // 2.
     """
     rng = random.Random(seed)
     out = []
@@ -130,10 +124,7 @@ def countdown_task(
         else:
             extra = int(rng.paretovariate(1.0)) - 1
         num_attempts = min(max_attempts, extra)
-        tries = [t for t in (_failed_attempt(rng, numbers, target, max_result) for _ in range(num_attempts)) if t]
-        if numbered_attempts:
-            tries = [[f"tries {len(tries)}"]] + [[f"{i}: {t[0]}", *t[1:]] for i, t in enumerate(tries, 1)]
-        attempts = [line for t in tries for line in t]
+        attempts = [line for _ in range(num_attempts) for line in _failed_attempt(rng, numbers, target, max_result)]
         out.append(
             TaskExample(
                 prompt=f"Using {' '.join(map(str, numbers))} and + - * / (each number at most once), make {target}.",
