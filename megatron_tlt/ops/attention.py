@@ -170,16 +170,22 @@ def _per_query_attention(q, k, v, mask, scale) -> torch.Tensor:
     Why: SDPA's kernels (the fused CPU one in bf16 above all) block their reductions by the call's shapes, so
     a position's logits differ in the last bits between a decode and a verify forward, or between batch sizes,
     and a near-tie of the sampling noise can flip (measured: 19% of bf16 sequences). Here each query runs
-    alone in fp32 (scores, masked softmax, weighted sum; masked keys add exact zeros), then rounds to q's dtype.
+    alone in fp32 (scores, masked exp, weighted sum; masked keys add exact zeros), then rounds to q's dtype.
+    The normaliser is summed by the same matmul as the weighted values (a ones column beside them), not by
+    softmax: softmax's vectorised sum over kv_len groups its terms by kv_len, so on an AVX-512 / AMX Xeon a
+    prefill row's probabilities changed with the batch's padding. (The linears around it are made invariant
+    by `ops.linear.batch_invariant`.)
     """
     B, S, Hq, D = q.shape
     group = Hq // k.shape[2]
     keys = k.float().transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, kv_len, D]
     values = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    values = torch.cat([values, torch.ones_like(values[..., :1])], dim=-1)  # [B, Hq, kv_len, D + 1]
     queries = q.float().transpose(1, 2)  # [B, Hq, S, D]
     out = []
     for i in range(S):
         scores = (queries[:, :, i : i + 1] @ keys.transpose(-1, -2)) * scale  # [B, Hq, 1, kv_len]
-        probs = scores.masked_fill(~mask[:, i : i + 1].unsqueeze(1), float("-inf")).softmax(dim=-1)
-        out.append(probs @ values)  # [B, Hq, 1, D]
+        scores = scores.masked_fill(~mask[:, i : i + 1].unsqueeze(1), float("-inf"))
+        weighted = (scores - scores.amax(dim=-1, keepdim=True)).exp() @ values  # [B, Hq, 1, D + 1]
+        out.append(weighted[..., :D] / weighted[..., D:])
     return torch.cat(out, dim=2).transpose(1, 2).to(q.dtype)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from megatron_tlt.models.kv_cache import CacheBatch, KVCache
+from megatron_tlt.ops.linear import batch_invariant
 from megatron_tlt.rollout.cuda_graphs import StaticCalls
 from megatron_tlt.rollout.fp8 import Fp8Weights
 
@@ -102,9 +103,15 @@ class ModelCalls:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.fp8 = Fp8Weights(model, fp8_block, fp8_gemm) if precision == "fp8" else None
 
-    def target_weights(self):
-        """The context the engine's calls run in: the FP8 weights attached (`rollout.fp8`), or nothing to do."""
-        return self.fp8.active() if self.fp8 is not None else contextlib.nullcontext()
+    def target_weights(self) -> contextlib.ExitStack:
+        """The context the engine's calls run in: the FP8 weights attached (`rollout.fp8`), the linears in float64
+        with `batch_invariant` (ops.linear.batch_invariant), or nothing to do."""
+        stack = contextlib.ExitStack()
+        if self.fp8 is not None:
+            stack.enter_context(self.fp8.active())
+        if self.batch_invariant:
+            stack.enter_context(batch_invariant())
+        return stack
 
     def add_drafter(self, drafter: "Drafter", cache_len: int) -> None:
         """Speculative decoding: the drafter and its own KV cache (outside the budget), one slot per cache slot."""
