@@ -208,8 +208,9 @@ class RolloutConfig:
     # (accepted far more often at temperature > 0); topk = the drafter's most likely tokens. Either way the
     # rollout's tokens are plain decoding's (exact-sample verification).
     drafts: str = "coupled"
-    # the target's attention per query in fp32: a position's logits are bit-identical whatever the batch, the
-    # padding or the verify shape, so reduced-precision rollouts (bf16) are the same with SD on or off; slower
+    # the target's attention per query in fp32 and its linears in float64: a position's logits are bit-identical
+    # whatever the batch, the padding or the verify shape, so reduced-precision rollouts (bf16) are the same with
+    # SD on or off; slower
     batch_invariant: bool = False
     cuda_graphs: str = "auto"  # auto (capture on GPU) | off | eager (static shapes, no capture) | capture
     # TP degree of the rollout layout: each rollout replica holds the whole model (no pipeline stages), rollout

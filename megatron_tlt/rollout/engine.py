@@ -57,10 +57,11 @@ temperature 1, none of 128 sequences differed from plain decoding in fp32, but 2
 of 32 between plain decoding at batch 32 and batch 1), from SDPA's shape-dependent reductions.
 FP8 rollouts (`precision="fp8"`, rollout/fp8.py) change the target's logits, never this: SD verifies against the FP8
 target, so it stays exact with respect to the distribution the rollout samples, and the logprobs are the FP8 policy's.
-`batch_invariant=True` runs the target's attention per query in fp32 (`ops.attention.cached_attention`),
-which made bf16 identical in both comparisons on CPU, where the linears' rows are already independent
-of the batch; on GPU cuBLAS picks GEMM kernels by shape, so the linears would need batch-invariant
-kernels too (not built).
+`batch_invariant=True` runs the target's attention per query in fp32 (`ops.attention.cached_attention`) and
+its linears in float64 (`ops.linear.batch_invariant`), which made bf16 identical in both comparisons on CPU:
+attention alone did on CPUs whose bf16 GEMM rows do not depend on the batch, but not on an AVX-512 / AMX Xeon,
+where a GEMM row changed with the live rows beside it. On GPU the same holds in principle (cuBLAS also picks
+kernels by shape; float64 GEMMs are slow there), untested: no GPU was at hand.
 """
 from __future__ import annotations
 
