@@ -81,12 +81,7 @@ class LengthPredictor:
     def predict(self, dataset_index: int, n: int) -> list[float]:
         """Predicted lengths (tokens), [n], of a group of n samples: the EMA max first, then n - 1 copies of
         the rest of the EMA total (clamped at 0 if a larger group was observed than n)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        mean, top = self.stats(dataset_index)
-        if n == 1:
-            return [mean]
-        return [top] + [max(0.0, (n * mean - top) / (n - 1))] * (n - 1)
+        return group_model(*self.stats(dataset_index), n)
 
     def state_dict(self) -> dict:
         """Plain Python state (JSON- and torch.save-safe): {"prompts": [[dataset index, EMA mean, EMA max], ...]}."""
@@ -96,6 +91,16 @@ class LengthPredictor:
         """Restore `state_dict()` output (also after a JSON round trip); predictions come back identical."""
         self._stats = {int(k): (float(m), float(x)) for k, m, x in state["prompts"]}
         self._population = None
+
+
+def group_model(mean: float, top: float, n: int) -> list[float]:
+    """The lengths (tokens), [n], `LengthPredictor` models a group of n samples by from its mean and max: the max
+    first, then n - 1 copies of the rest of the total (clamped at 0 if the max exceeds it); [mean] when n = 1."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n == 1:
+        return [mean]
+    return [top] + [max(0.0, (n * mean - top) / (n - 1))] * (n - 1)
 
 
 def correlation(predicted: list[float], actual: list[float]) -> float:

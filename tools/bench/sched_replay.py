@@ -30,7 +30,7 @@ import math
 from pathlib import Path
 
 from megatron_tlt.config import load_config
-from megatron_tlt.coordinator.scheduler import LengthPredictor, admission_order, assign_groups, round_robin
+from megatron_tlt.coordinator.scheduler import LengthPredictor, admission_order, assign_groups, group_model, round_robin
 from megatron_tlt.metrics import ROLLOUTS_DIR, read_jsonl
 
 Key = tuple[int, int]  # (group id, sample index)
@@ -76,11 +76,9 @@ def run_schedule(queues: dict[int, list[Key]], lengths: dict[Key, int], slots: i
 
 
 def _model(groups: list[list[int]], n: int) -> list[float]:
-    """The predictor's group model (LengthPredictor.predict) from these groups' mean length and mean max: one sample
-    at the max, the other n - 1 at the rest of the total."""
+    """The predictor's group model (coordinator.scheduler.group_model) from these groups' mean length and mean max."""
     mean = math.fsum(map(math.fsum, groups)) / sum(map(len, groups))
-    top = math.fsum(map(max, groups)) / len(groups)
-    return [top] + [max(0.0, (n * mean - top) / (n - 1))] * (n - 1) if n > 1 else [mean]
+    return group_model(mean, math.fsum(map(max, groups)) / len(groups), n)
 
 
 def _scheduled(predicted: dict[int, list[float]], n: int, ranks: int, slots: int) -> dict[int, list[Key]]:
